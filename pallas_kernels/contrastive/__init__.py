@@ -1,0 +1,13 @@
+"""Pallas TPU/GPU kernels for the tiled contrastive loss (CLIP softmax, SigLIP sigmoid, DCL).
+
+Public API:
+  contrastive_loss: fused kernels behind a custom_vjp (api.py).
+  contrastive_loss_reference: the plain N×N XLA oracle (reference.py).
+  BlockSizes: tile sizes with per-backend defaults.
+"""
+
+from pallas_kernels.contrastive._common import KINDS, BlockSizes
+from pallas_kernels.contrastive.api import contrastive_loss
+from pallas_kernels.contrastive.reference import contrastive_loss_reference
+
+__all__ = ["KINDS", "BlockSizes", "contrastive_loss", "contrastive_loss_reference"]

@@ -1,0 +1,69 @@
+"""The square-root (SDE) scaling rule for all of Adam's hyper-parameters at once."""
+
+import math
+from typing import NamedTuple
+
+from jaxbatch.scaling import _checks
+
+
+class AdamHParams(NamedTuple):
+    """Adam hyper-parameters in ``optax.adam`` naming: ``(lr, b1, b2, eps)``."""
+
+    lr: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+def sde_beta(beta: float, kappa: float, *, name: str = "beta") -> float:
+    """beta' = 1 - kappa * (1 - beta): the SDE rule for an Adam moment decay; checked > 0."""
+    beta = _checks.decay(name, beta)
+    new = 1.0 - kappa * (1.0 - beta)
+    if new <= 0.0:
+        raise ValueError(
+            f"the SDE rule gives {name} = 1 - kappa*(1 - {name}) = 1 - {kappa:g}*(1 - {beta:g}) "
+            f"= {new:g} <= 0; it needs kappa < 1/(1 - {name}) = {1.0 / (1.0 - beta):g}"
+        )
+    return new
+
+
+def adam_sde(base: AdamHParams, base_batch: float, batch: float) -> AdamHParams:
+    """Rescales Adam's (lr, b1, b2, eps) from ``base_batch`` to ``batch`` (square-root rule).
+
+    With kappa = batch / base_batch::
+
+      lr'  = lr * sqrt(kappa)
+      b1'  = 1 - kappa * (1 - b1)
+      b2'  = 1 - kappa * (1 - b2)
+      eps' = eps / sqrt(kappa)
+
+    The rule keeps Adam's SDE approximation fixed, so it is accurate while kappa * (1 - b) stays
+    well below 1; a kappa that makes a beta <= 0 raises.
+
+    References:
+      Malladi, Lyu, Panigrahi, Arora, 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+      Algorithms", the Square Root Scaling Rule for Adam (definition in the scaling-rule section).
+
+    Args:
+      base: hyper-parameters tuned at ``base_batch``; betas in [0, 1), lr and eps >= 0.
+      base_batch: the reference batch size (> 0).
+      batch: the new batch size (> 0).
+
+    Returns:
+      ``AdamHParams`` for ``batch``.
+
+    Examples:
+      >>> new = adam_sde(AdamHParams(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8), 256, 1024)
+      >>> [round(x, 12) for x in new]
+      [0.002, 0.6, 0.996, 5e-09]
+    """
+    if not isinstance(base, AdamHParams):
+        raise ValueError(f"base must be an AdamHParams(lr, b1, b2, eps), got {base!r}")
+    kappa = _checks.kappa(base_batch, batch)
+    root = math.sqrt(kappa)
+    return AdamHParams(
+        lr=_checks.non_negative("lr", base.lr) * root,
+        b1=sde_beta(base.b1, kappa, name="b1"),
+        b2=sde_beta(base.b2, kappa, name="b2"),
+        eps=_checks.non_negative("eps", base.eps) / root,
+    )

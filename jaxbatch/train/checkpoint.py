@@ -1,0 +1,122 @@
+"""Orbax checkpoints of a run: the train state, the data-iterator state and a model fingerprint.
+
+Each checkpoint step holds three items:
+
+- 'state': the :class:`~jaxbatch.train.step.TrainState` (params, optimizer state, EMA, step, rng),
+  saved sharded and restored straight into the target shardings (so a run can move to another mesh);
+- 'data':  the grain iterator state (JSON), so a resumed run sees the same batches;
+- 'meta':  the fingerprint of the model (task, model config, parameter shapes), checked before the
+  state is restored so that a workdir holding another model's checkpoint fails with a clear error
+  rather than an obscure shape mismatch deep inside orbax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: another model's, or unreadable."""
+
+
+def fingerprint(task_name: str, model_config: dict, abstract_params: Any) -> dict:
+    """What identifies the model of a run: its task, config and parameter shapes."""
+    shapes = {
+        jax.tree_util.keystr(path): list(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
+    return {"task": task_name, "model": model_config, "param_shapes": shapes}
+
+
+def _describe_difference(saved: dict, current: dict) -> str:
+    if saved.get("task") != current["task"]:
+        return f"task {saved.get('task')!r} != {current['task']!r}"
+    saved_shapes, shapes = saved.get("param_shapes", {}), current["param_shapes"]
+    missing = sorted(set(shapes) - set(saved_shapes))[:3]
+    extra = sorted(set(saved_shapes) - set(shapes))[:3]
+    changed = [k for k in shapes if k in saved_shapes and saved_shapes[k] != shapes[k]][:3]
+    parts = []
+    if missing:
+        parts.append(f"parameters not in the checkpoint: {missing}")
+    if extra:
+        parts.append(f"parameters only in the checkpoint: {extra}")
+    if changed:
+        parts.append(
+            "shapes differ: "
+            + ", ".join(f"{k} {saved_shapes[k]} vs {shapes[k]}" for k in changed)
+        )
+    if saved.get("model") != current["model"]:
+        parts.append(f"model config {saved.get('model')} vs {current['model']}")
+    return "; ".join(parts)
+
+
+class Checkpointer:
+    """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for one run directory."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "data", "meta"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """Saves asynchronously (the device→host copy happens before this returns)."""
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def check_compatible(self, step: int, meta: dict) -> None:
+        """Raises CheckpointError unless checkpoint ``step`` holds the model described by ``meta``."""
+        try:
+            saved = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            ).meta
+        except Exception as e:  # orbax raises many types for unreadable files
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {e}); "
+                "it may be corrupt or from another program: move it away or use another --workdir"
+            ) from e
+        if saved.get("task") != meta["task"] or saved.get("param_shapes") != meta["param_shapes"]:
+            raise CheckpointError(
+                f"workdir {os.path.dirname(self.directory)} holds a checkpoint (step {step}) of a "
+                f"different model: {_describe_difference(saved, meta)}. Use another --workdir "
+                "or remove the old checkpoints."
+            )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """(state placed in ``abstract_state``'s shardings, data-iterator state) of ``step``."""
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {step} in {self.directory} cannot be restored "
+                f"({type(e).__name__}: {e}); it may be corrupt or incomplete"
+            ) from e
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()

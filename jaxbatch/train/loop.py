@@ -1,0 +1,294 @@
+"""One training run, as one straight line (DESIGN.md "train: the path of one run").
+
+config → validated, batch-rescaled config → mesh → grain pipeline (this process's shard) →
+``jax.eval_shape`` of init → shardings from logical axes → ``jax.jit(init, out_shardings)`` or orbax
+restore into those shardings → jitted, donated train step → metrics (progress bar, JSONL,
+TensorBoard) and periodic eval / checkpoint → final summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from jaxbatch import data as jdata
+from jaxbatch import parallel
+from jaxbatch.train import checkpoint as ckpt
+from jaxbatch.train import config as config_lib
+from jaxbatch.train import metrics as metrics_lib
+from jaxbatch.train import optimizer as optimizer_lib
+from jaxbatch.train import step as step_lib
+from jaxbatch.train import tasks as tasks_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """The pieces of a run that the loop, the planner and the tests share."""
+
+    cfg: ml_collections.ConfigDict
+    changes: list
+    task: tasks_lib.Task
+    mesh: Any
+    tx: Any
+    ema: Any
+    state_shardings: Any
+    batch_sharding: Any
+    abstract_state: Any
+    train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+    eval_step: Any  # jitted (variables, batch) -> per-example outputs
+    init_batch: dict
+    fingerprint: dict
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.total_samples // self.cfg.batch_size
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _init_batch(arrays: dict, fields: tuple[str, ...]) -> dict:
+    missing = [f for f in fields if f not in arrays]
+    if missing:
+        raise ValueError(f"dataset lacks the field(s) {missing} that the task needs ({fields})")
+    return {f: np.asarray(arrays[f][:2]) for f in fields}
+
+
+def state_shardings(ema, mesh, abstract_vars, abstract_state) -> step_lib.TrainState:
+    """Shardings of every leaf of the train state, from the models' logical axes."""
+    var_shardings = parallel.param_shardings(abstract_vars, mesh)
+    var_shardings = dict(var_shardings)
+    param_sh = var_shardings.pop("params")
+    replicated = parallel.replicated(mesh)
+    s = abstract_state
+    opt_sh = parallel.opt_state_shardings(s.opt_state, s.params, param_sh)
+    ema_sh = None
+    if ema is not None:
+        ema_sh = parallel.opt_state_shardings(
+            s.ema_state,
+            {"params": s.params, **s.model_state},
+            {"params": param_sh, **var_shardings},
+        )
+    return step_lib.TrainState(
+        step=replicated,
+        params=param_sh,
+        model_state=var_shardings,
+        opt_state=opt_sh,
+        ema_state=ema_sh,
+        noise=jax.tree.map(lambda _: replicated, s.noise),
+        rng=replicated,
+    )
+
+
+def build(cfg: ml_collections.ConfigDict, *, train_arrays: dict | None = None) -> Run:
+    """Everything up to (not including) the first step: nothing is allocated but the init batch."""
+    config_lib.validate(cfg)
+    cfg, changes = config_lib.rescale_for_batch(cfg)
+    mesh = parallel.make_mesh(**cfg.mesh.to_dict())
+    parallel.check_batch_divisible(cfg.batch_size, mesh)
+    parallel.check_batch_divisible(cfg.eval_batch_size, mesh)
+    micro = cfg.batch_size // cfg.micro_batches
+    if micro % parallel.batch_axis_size(mesh):
+        raise config_lib.ConfigError(
+            f"micro-batch {micro} (batch_size {cfg.batch_size} / micro_batches "
+            f"{cfg.micro_batches}) is not divisible by data×fsdp = {parallel.batch_axis_size(mesh)}"
+        )
+    task = tasks_lib.make_task(cfg)
+    if train_arrays is None:
+        train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
+    init_batch = _init_batch(train_arrays, task.fields)
+
+    rng = jax.random.PRNGKey(cfg.seed)
+    abstract_vars = jax.eval_shape(task.init_fn, rng, init_batch)
+    abstract_params, abstract_model_state = tasks_lib.split_variables(nn.meta.unbox(abstract_vars))
+    abstract_micro = {
+        f: jax.ShapeDtypeStruct((micro, *init_batch[f].shape[1:]), init_batch[f].dtype)
+        for f in task.fields
+    }
+    aux = step_lib.aux_shapes(task, abstract_params, abstract_model_state, abstract_micro)
+    tx = optimizer_lib.make_optimizer(cfg, aux_shapes=aux)
+    ema = optimizer_lib.make_ema(cfg)
+    init = functools.partial(step_lib.init_state, task, tx, ema)
+    abstract_state = jax.eval_shape(init, rng, init_batch)
+    shardings = state_shardings(ema, mesh, abstract_vars, abstract_state)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = jax.jit(
+        step_lib.make_train_step(task, tx, ema, micro_batches=cfg.micro_batches),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(task.eval_fn, out_shardings=batch_sharding)
+    fp = ckpt.fingerprint(cfg.task, cfg.model.to_dict(), abstract_state.params)
+    return Run(
+        cfg, changes, task, mesh, tx, ema, shardings, batch_sharding, abstract_state,
+        train_step, eval_step, init_batch, fp,
+    )
+
+
+def init_or_restore(run: Run, checkpointer: ckpt.Checkpointer | None):
+    """(state, data-iterator state or None): restored from the latest checkpoint, else fresh."""
+    step = checkpointer.latest_step() if checkpointer is not None else None
+    if step is not None:
+        checkpointer.check_compatible(step, run.fingerprint)
+        abstract = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            run.abstract_state,
+            run.state_shardings,
+        )
+        state, data_state = checkpointer.restore(step, abstract)
+        _log(f"resumed from checkpoint at step {step}")
+        return state, data_state
+    init = jax.jit(
+        functools.partial(step_lib.init_state, run.task, run.tx, run.ema),
+        out_shardings=run.state_shardings,
+    )
+    return init(jax.random.PRNGKey(run.cfg.seed), run.init_batch), None
+
+
+def evaluate(run: Run, state, test_arrays: dict, *, use_ema: bool = False) -> dict[str, float]:
+    """The task's metrics on the whole test split (every example exactly once)."""
+    cfg = run.cfg
+    local = cfg.eval_batch_size // jax.process_count()
+    batches = jdata.make_eval_batches(
+        {f: test_arrays[f] for f in run.task.fields},
+        batch_size=local,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    variables = step_lib.eval_variables(state, use_ema=use_ema)
+    outputs: dict[str, list] = {}
+    for batch in batches:
+        mask = batch.pop("mask")
+        out = run.eval_step(variables, parallel.make_global_batch(batch, run.mesh))
+        out = multihost_utils.process_allgather(out, tiled=True)
+        mask = multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
+        for key, value in out.items():
+            outputs.setdefault(key, []).append(np.asarray(value)[np.asarray(mask)])
+    return run.task.summarize({k: np.concatenate(v) for k, v in outputs.items()})
+
+
+def _fetch(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def train(
+    cfg: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    progress: bool = True,
+    stop_after_step: int | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final summary.
+
+    Args:
+      cfg: a config from ``config.load_config`` (validated again here).
+      workdir: run directory: resolved config, checkpoints, metrics.jsonl, TensorBoard, plots.
+      progress: show a tqdm progress bar.
+      stop_after_step: stop (after checkpointing) once this step is reached, as a pre-empted job
+        would; a later call resumes. None trains to the end.
+
+    Returns:
+      {'step', 'samples', 'train_loss', 'eval': {...}, 'eval_ema': {...}?, 'baseline': {...}?}.
+    """
+    train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
+    run = build(cfg, train_arrays=train_arrays)
+    cfg = run.cfg
+    for change in run.changes:
+        _log(
+            f"scaling: {change.key} {change.old:g} -> {change.new:g} ({change.rule}, "
+            f"batch {cfg.reference_batch_size} -> {cfg.batch_size})"
+        )
+    test_arrays = jdata.load_arrays(cfg.dataset.name, "test", **cfg.dataset.options)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2, default=str)
+
+    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_checkpoints)
+    state, data_state = init_or_restore(run, checkpointer)
+    local_batch = cfg.batch_size // jax.process_count()
+    iterator = jdata.make_train_iterator(
+        {f: train_arrays[f] for f in run.task.fields},
+        batch_size=local_batch,
+        seed=cfg.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    start = int(jax.device_get(state.step))
+    total = run.total_steps
+    end = total if stop_after_step is None else min(total, stop_after_step)
+    bar = tqdm(
+        total=total, initial=start, disable=not (progress and is_main), unit="step",
+        dynamic_ncols=True, desc=f"{cfg.task}/{cfg.dataset.name} B={cfg.batch_size}",
+    )
+    log_every = max(1, cfg.log_every_steps)
+    last = {"time": time.perf_counter(), "step": start}
+    metrics = None
+    for step in range(start, end):
+        batch = parallel.make_global_batch(next(iterator), run.mesh)
+        state, metrics = run.train_step(state, batch)
+        done = step + 1
+        if done % log_every == 0 or done == end:
+            values = _fetch(metrics)
+            now = time.perf_counter()
+            values["examples_per_sec"] = (done - last["step"]) * cfg.batch_size / (now - last["time"])
+            values["samples"] = done * cfg.batch_size
+            values["learning_rate"] = float(optimizer_lib.make_schedule(cfg)(step))
+            last.update(time=now, step=done)
+            writer.write(done, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_sec']:.0f}")
+            if not np.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is {values['loss']} at step {done}; stopping")
+        bar.update(1)
+        if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done != total:
+            _eval_and_log(run, state, test_arrays, writer, done)
+        if (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done == end:
+            checkpointer.save(done, state, iterator.get_state(), run.fingerprint)
+    bar.close()
+    checkpointer.close()
+
+    summary: dict[str, Any] = {"step": end, "samples": end * cfg.batch_size}
+    if metrics is not None:
+        summary["train_loss"] = _fetch(metrics)["loss"]
+    if end == total:
+        summary.update(_eval_and_log(run, state, test_arrays, writer, end))
+        if run.task.baseline is not None:
+            summary["baseline"] = run.task.baseline()
+        if is_main:
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            metrics_lib.plot_curves(
+                writer.path, os.path.join(workdir, "curves.png"),
+                title=f"{cfg.task} {cfg.dataset.name} {cfg.model.name} batch {cfg.batch_size}",
+            )
+    writer.close()
+    summary["state"] = state
+    return summary
+
+
+def _eval_and_log(run: Run, state, test_arrays, writer, step: int) -> dict[str, Any]:
+    out = {"eval": evaluate(run, state, test_arrays)}
+    writer.write(step, {**out["eval"], "samples": step * run.cfg.batch_size}, prefix="eval")
+    if run.ema is not None:
+        out["eval_ema"] = evaluate(run, state, test_arrays, use_ema=True)
+        writer.write(step, {**out["eval_ema"], "samples": step * run.cfg.batch_size}, prefix="eval_ema")
+    return out

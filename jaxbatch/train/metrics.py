@@ -1,0 +1,88 @@
+"""Where a run's numbers go: ``metrics.jsonl``, TensorBoard events, and a plot of the curves.
+
+Only process 0 writes; every other process gets a writer that does nothing, so the loop needs no
+branches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def _plain(value):
+    value = np.asarray(value).item() if not isinstance(value, int | float | str) else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], *, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": prefix}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "kind") and isinstance(value, int | float):
+                self._tb.add_scalar(f"{prefix}/{key}", value, int(step))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> str:
+    """Plots train loss and every eval metric against samples seen; returns ``out_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"].startswith("eval")]
+    eval_keys = sorted({k for r in evals for k in r if k not in ("step", "kind", "samples")})
+    fig, axes = plt.subplots(1, 1 + bool(eval_keys), figsize=(5 + 5 * bool(eval_keys), 3.6))
+    axes = np.atleast_1d(axes)
+    axes[0].plot([r["samples"] for r in train], [r["loss"] for r in train], lw=1)
+    axes[0].set(xlabel="samples", ylabel="train loss", yscale="log")
+    if eval_keys:
+        for kind in sorted({r["kind"] for r in evals}):
+            rows = [r for r in evals if r["kind"] == kind]
+            for key in eval_keys:
+                if key in rows[0] and isinstance(rows[0][key], int | float):
+                    axes[1].plot(
+                        [r["samples"] for r in rows], [r[key] for r in rows], "o-", label=f"{kind} {key}"
+                    )
+        axes[1].set(xlabel="samples", ylabel="eval")
+        axes[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

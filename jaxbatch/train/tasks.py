@@ -1,0 +1,198 @@
+"""What is being learned: the loss of one batch and the evaluation of a model, per task.
+
+A :class:`Task` couples a model with its data fields:
+
+- 'classification': ``{'image', 'label'}``, softmax cross-entropy, accuracy.
+- 'contrastive':    ``{'doc', 'code'}`` (x, y), ``jaxbatch.losses.contrastive_loss`` over a dual
+  encoder, retrieval recall@1/@10 on the held-out pairs (and the lexical TF-IDF baseline).
+- 'lm':             ``{'tokens'}`` [B, L+1], next-token cross-entropy, bits per byte.
+
+``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))`` is what the train
+step differentiates; ``eval_fn(variables, batch) -> per-example outputs`` is jitted over fixed-shape eval
+batches, and ``summarize(outputs) -> metrics`` reduces the outputs of the real (unmasked) examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxbatch import data as jdata
+from jaxbatch import losses
+from jaxbatch.train.models import build_model
+
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A model with its loss, evaluation and data fields."""
+
+    name: str
+    model: nn.Module
+    fields: tuple[str, ...]
+    init_fn: Callable[[jax.Array, Batch], Any]
+    loss_fn: Callable[..., tuple[jax.Array, tuple[dict, Any]]]
+    eval_fn: Callable[[Any, Batch], dict[str, jax.Array]]
+    summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
+    primary_metric: str
+    baseline: Callable[[], dict[str, float]] | None = None
+
+
+def _classification(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+    smoothing = cfg.loss.label_smoothing
+
+    def init_fn(rng, batch):
+        return model.init(rng, batch["image"], train=False)
+
+    def loss_fn(params, model_state, batch, rng):
+        del rng
+        logits, new_state = model.apply(
+            {"params": params, **model_state},
+            batch["image"],
+            train=True,
+            mutable=list(model_state),
+        )
+        labels = jax.nn.one_hot(batch["label"], logits.shape[-1])
+        if smoothing:
+            labels = optax.smooth_labels(labels, smoothing)
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), labels).mean()
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        return loss, ({"accuracy": accuracy}, dict(new_state))
+
+    def eval_fn(variables, batch):
+        logits = model.apply(variables, batch["image"], train=False).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {"correct": jnp.argmax(logits, -1) == batch["label"], "loss": loss}
+
+    def summarize(out):
+        return {"accuracy": float(out["correct"].mean()), "loss": float(out["loss"].mean())}
+
+    return Task(
+        "classification",
+        model,
+        ("image", "label"),
+        init_fn,
+        loss_fn,
+        eval_fn,
+        summarize,
+        "accuracy",
+    )
+
+
+def retrieval_recall(zx: np.ndarray, zy: np.ndarray, ks=(1, 10)) -> dict[str, float]:
+    """Recall@k of retrieving y_i for query x_i among all y by cosine/dot similarity.
+
+    Ties count against the model (the true item must beat every other to rank first).
+    """
+    sim = zx.astype(np.float64) @ zy.astype(np.float64).T
+    true = np.diagonal(sim)[:, None]
+    rank = (sim >= true).sum(axis=1) - 1
+    return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
+
+
+def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+    loss_cfg = cfg.loss
+
+    def init_fn(rng, batch):
+        return model.init(rng, batch["doc"], batch["code"], train=False)
+
+    def loss_fn(params, model_state, batch, rng):
+        zx, zy, scale, bias = model.apply(
+            {"params": params, **model_state},
+            batch["doc"],
+            batch["code"],
+            train=True,
+            rngs={"dropout": rng},
+        )
+        loss = losses.contrastive_loss(
+            zx,
+            zy,
+            scale,
+            bias,
+            kind=loss_cfg.kind,
+            block_size=loss_cfg.block_size or None,
+            implementation=loss_cfg.implementation,
+        )
+        return loss, ({"logit_scale": scale}, model_state)
+
+    def eval_fn(variables, batch):
+        zx, zy, _, _ = model.apply(variables, batch["doc"], batch["code"], train=False)
+        return {"zx": zx, "zy": zy}
+
+    def summarize(out):
+        return retrieval_recall(out["zx"], out["zy"])
+
+    def baseline():
+        options = {
+            k: v
+            for k, v in cfg.dataset.options.to_dict().items()
+            if k in ("test_fraction", "max_test")
+        }
+        pairs = jdata.load_codesearch_pairs("test", **options)
+        recall = jdata.tfidf_retrieval_recall([p.doc for p in pairs], [p.code for p in pairs])
+        return {f"recall@{k}": v for k, v in recall.items()}
+
+    return Task(
+        "contrastive",
+        model,
+        ("doc", "code"),
+        init_fn,
+        loss_fn,
+        eval_fn,
+        summarize,
+        "recall@1",
+        baseline if cfg.dataset.name == "codesearch" else None,
+    )
+
+
+def _lm(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+    def init_fn(rng, batch):
+        return model.init(rng, batch["tokens"][:, :-1])
+
+    def token_losses(params_or_vars, tokens):
+        logits = model.apply(params_or_vars, tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+    def loss_fn(params, model_state, batch, rng):
+        del rng
+        loss = token_losses({"params": params, **model_state}, batch["tokens"]).mean()
+        return loss, ({}, model_state)
+
+    def eval_fn(variables, batch):
+        return {"loss": token_losses(variables, batch["tokens"]).mean(axis=-1)}
+
+    def summarize(out):
+        loss = float(out["loss"].mean())
+        return {"loss": loss, "bits_per_byte": loss / math.log(2)}
+
+    return Task("lm", model, ("tokens",), init_fn, loss_fn, eval_fn, summarize, "bits_per_byte")
+
+
+_TASKS = {"classification": _classification, "contrastive": _contrastive, "lm": _lm}
+
+
+def make_task(cfg: ml_collections.ConfigDict) -> Task:
+    """The task of a validated config (its model built from ``config.model``)."""
+    model = build_model(cfg.model.to_dict())
+    return _TASKS[cfg.task](cfg, model)
+
+
+def split_variables(variables) -> tuple[Any, dict]:
+    """(params, the other collections) of ``model.init``'s output."""
+    variables = dict(variables)
+    params = variables.pop("params")
+    return params, variables
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in ("loss", "bits_per_byte")
