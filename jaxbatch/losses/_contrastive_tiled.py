@@ -14,10 +14,14 @@ pairs of the diagonal tiles are set to -inf too.
 Sweeps (the device ring of ``_contrastive_ring`` calls them once per ring step):
 
 - ``lse_sweep``: row and column log-sum-exp, online over tiles (softmax, decoupled forward).
-- ``softmax_grad_sweep``: Σ_j (P_ij + Q_ij)·y_j and Σ_i (P_ij + Q_ij)·x_i with P = exp(S - row_lse),
-  Q = exp(S - col_lse) (softmax, decoupled backward).
-- ``sigmoid_sweep``: Σ_j softplus(S_ij) per row and optionally Σ_j σ(S_ij)·y_j, Σ_i σ(S_ij)·x_i and
-  Σ σ (SigLIP forward, and its gradient, which needs no global statistic).
+- ``softmax_grad_sweep``: Σ_j g_ij·y_j and Σ_i g_ij·x_i with g = exp(S - row_lse) +
+  exp(S - col_lse) - 2δ (softmax, decoupled backward; δ marks the positive pairs).
+- ``sigmoid_sweep``: Σ_j softplus(S_ij) per row and optionally the same sums with g = σ(S) - δ
+  (SigLIP forward, and its gradient, which needs no global statistic).
+
+Per tile the sweeps run 1 (statistics, loss) or 3 (gradients) [B, D]×[D, B]-sized matmuls and
+hold O(B²) floats; the accumulators are O(n·D). Each sweep runs inside a ``jax.named_scope`` that
+names it and its block size, so it can be found in profiles.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from jax import lax
 _F32 = jnp.float32
 _ROWS_BY_COLS = (((1,), (1,)), ((), ()))  # a [B, D] · b [B, D]ᵀ -> [B, B]
 _MATMUL = (((1,), (0,)), ((), ()))  # g [B, B] · b [B, D] -> [B, D]
-_COLS_T = (((0,), (0,)), ((), ()))  # g [B, B]ᵀ · a [B, D] -> [B, D]
+_COLS_T = (((0,), (0,)), ((), ()))  # a [B, D]ᵀ · g [B, B] -> [D, B]
 
 
 class Layout(NamedTuple):
@@ -75,8 +79,22 @@ def _dot(g: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _dot_t(g: jax.Array, a: jax.Array) -> jax.Array:
-    """g [B, B]ᵀ · a [B, D] in a's dtype with float32 accumulation."""
-    return lax.dot_general(g.astype(a.dtype), a, _COLS_T, preferred_element_type=_F32)
+    """(g [B, B]ᵀ · a [B, D])ᵀ = aᵀ·g, [D, B], in a's dtype with float32 accumulation.
+
+    The column sums are accumulated transposed: on CPU, contracting g's leading axis as the left
+    operand runs at ~60% of the speed of this form (measured, N = 8192, B = 1024, D = 256).
+    """
+    return lax.dot_general(a, g.astype(a.dtype), _COLS_T, preferred_element_type=_F32)
+
+
+def _transposed_zeros(yb: jax.Array) -> jax.Array:
+    """Zeros [nb, D, B] for the transposed column accumulators."""
+    nb, bsz, d = yb.shape
+    return varying_full(0.0, (nb, d, bsz), yb)
+
+
+def _untranspose(acc_t: jax.Array) -> jax.Array:
+    return jnp.swapaxes(acc_t, 1, 2)  # [nb, D, B] -> [nb, B, D]
 
 
 def _finite_or_zero(m: jax.Array) -> jax.Array:
@@ -138,6 +156,11 @@ def lse_sweep(xb, yb, scale, bias, layout, *, mask_diagonal=False, home=True):
     Returns:
       (row_lse, col_lse), each [nb, B] float32; -inf where a row/column has no unmasked entry.
     """
+    with jax.named_scope(f"contrastive_lse_sweep_B{layout.block}"):
+        return _lse_sweep(xb, yb, scale, bias, layout, mask_diagonal, home)
+
+
+def _lse_sweep(xb, yb, scale, bias, layout, mask_diagonal, home):
     tiles = _tiles(layout, scale, bias, mask_diagonal=mask_diagonal, home=home)
     nb, bsz = layout.num_blocks, layout.block
     idx = jnp.arange(nb)
@@ -186,6 +209,15 @@ def softmax_grad_sweep(
     Returns:
       (dx_acc, dy_acc), each [nb, B, D] float32.
     """
+    with jax.named_scope(f"contrastive_softmax_grad_sweep_B{layout.block}"):
+        return _softmax_grad_sweep(
+            xb, yb, scale, bias, row_lse, col_lse, layout, mask_diagonal, home, dx_init
+        )
+
+
+def _softmax_grad_sweep(
+    xb, yb, scale, bias, row_lse, col_lse, layout, mask_diagonal, home, dx_init
+):
     tiles = _tiles(layout, scale, bias, mask_diagonal=mask_diagonal, home=home)
     # A padded row has lse -inf and logits -inf; any finite lse makes its exp 0 rather than nan.
     row_lse, col_lse = _finite_or_zero(row_lse), _finite_or_zero(col_lse)
@@ -206,10 +238,8 @@ def softmax_grad_sweep(
         dx_i, dy_acc = lax.scan(col_block, dx_i, (yb, idx, col_lse, dy_acc))
         return dy_acc, dx_i
 
-    dy_acc, dx_acc = lax.scan(
-        row_block, varying_full(0.0, yb.shape, yb), (xb, idx, row_lse, dx_init)
-    )
-    return dx_acc, dy_acc
+    dy_acc_t, dx_acc = lax.scan(row_block, _transposed_zeros(yb), (xb, idx, row_lse, dx_init))
+    return dx_acc, _untranspose(dy_acc_t)
 
 
 class SigmoidSweep(NamedTuple):
@@ -240,6 +270,11 @@ def sigmoid_sweep(
     Returns:
       A ``SigmoidSweep``; its gradient fields are None without ``with_grad``.
     """
+    with jax.named_scope(f"contrastive_sigmoid_sweep_B{layout.block}"):
+        return _sigmoid_sweep(xb, yb, scale, bias, layout, with_grad, home, dx_init)
+
+
+def _sigmoid_sweep(xb, yb, scale, bias, layout, with_grad, home, dx_init):
     tiles = _tiles(layout, scale, bias, mask_diagonal=False, home=home)
     idx = jnp.arange(xb.shape[0])
     bsz = layout.block
@@ -276,7 +311,8 @@ def sigmoid_sweep(
 
     dy_init, dx_blocks = None, None
     if with_grad:
-        dy_init = varying_full(0.0, yb.shape, yb)
+        dy_init = _transposed_zeros(yb)
         dx_blocks = varying_full(0.0, xb.shape, xb) if dx_init is None else dx_init
-    dy_acc, (row_loss, dx_acc, sigma_sum) = lax.scan(row_block, dy_init, (xb, idx, dx_blocks))
+    dy_acc_t, (row_loss, dx_acc, sigma_sum) = lax.scan(row_block, dy_init, (xb, idx, dx_blocks))
+    dy_acc = None if dy_acc_t is None else _untranspose(dy_acc_t)
     return SigmoidSweep(row_loss, dx_acc, dy_acc, sigma_sum)

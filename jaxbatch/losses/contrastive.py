@@ -26,9 +26,10 @@ KINDS = ("softmax", "sigmoid", "decoupled")
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 # Tile size B of the 'xla' implementation when block_size is None. CPU: measured on a 2-core AMD
-# EPYC (scripts/bench_contrastive.py), fastest of 256..2048 at N = 8192, D = 256. TPU/GPU: larger
-# tiles keep the matrix units busy and amortise the per-tile loop overhead (16 MiB of f32 logits).
-DEFAULT_BLOCK_SIZE = {"cpu": 1024, "gpu": 2048, "tpu": 2048}
+# EPYC (scripts/bench_contrastive.py --sweep-blocks), fastest of 256..2048 at N = 8192, D = 256 for
+# both kinds. TPU/GPU (not measured here): larger tiles keep the matrix units busy and amortise the
+# per-tile loop overhead; a 2048² float32 tile is 16 MiB.
+DEFAULT_BLOCK_SIZE = {"cpu": 512, "gpu": 2048, "tpu": 2048}
 _ALIGN = 8  # tiles are rounded to a multiple of 8 rows when the batch is smaller than one block
 
 
@@ -127,7 +128,7 @@ def _reference(x, y, scale, bias, kind, axis_name, block_size):
 
 
 def _xla(x, y, scale, bias, kind, axis_name, block_size):
-    block = block_size or DEFAULT_BLOCK_SIZE.get(jax.default_backend(), 1024)
+    block = block_size or DEFAULT_BLOCK_SIZE.get(jax.default_backend(), 512)
     block = min(block, -(-x.shape[0] // _ALIGN) * _ALIGN)
     bias = jnp.zeros((), jnp.float32) if bias is None else bias
     return tiled_loss(x, y, scale, bias, kind, block, axis_name).astype(x.dtype)

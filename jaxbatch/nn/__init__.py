@@ -1,7 +1,8 @@
 """Flax linen models for large-batch training (functional ``init`` / ``apply``).
 
 Models: :class:`GhostBatchNorm`, :class:`ResNet` (``resnet18``, ``resnet50``, ``resnet_cifar``),
-:class:`ViT`, :class:`TextEncoder`, :class:`DualEncoder`, :class:`DecoderLM`; remat policies by name
+:class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`DualEncoder`, :class:`DecoderLM`;
+remat policies by name
 in :mod:`jaxbatch.nn.remat`. Every model takes ``dtype`` (compute) and ``param_dtype``.
 
 Logical axis names. Every parameter is created through ``nn.with_logical_partitioning`` so
@@ -46,6 +47,7 @@ from jaxbatch.nn.ghost_batch_norm import GhostBatchNorm
 from jaxbatch.nn.layers import MlpBlock, MultiHeadAttention, TransformerBlock
 from jaxbatch.nn.remat import POLICY_NAMES, get_policy
 from jaxbatch.nn.resnet import BasicBlock, BottleneckBlock, ResNet, resnet18, resnet50, resnet_cifar
+from jaxbatch.nn.ngram_encoder import NgramBagEncoder, ngram_ids
 from jaxbatch.nn.text_encoder import BYTE_VOCAB_SIZE, CLS_ID, PAD_ID, TextEncoder
 from jaxbatch.nn.vit import ViT
 
@@ -67,7 +69,9 @@ __all__ = [
     "MlpBlock",
     "MultiHeadAttention",
     "ResNet",
+    "NgramBagEncoder",
     "TextEncoder",
+    "ngram_ids",
     "TransformerBlock",
     "ViT",
     "get_policy",

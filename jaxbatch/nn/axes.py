@@ -44,7 +44,9 @@ def _check_names(names: LogicalNames) -> tuple[str | None, ...]:
     names = tuple(names)
     unknown = [n for n in names if n is not None and n not in LOGICAL_AXES]
     if unknown:
-        raise ValueError(f"unknown logical axis names {unknown}; expected names from {LOGICAL_AXES}")
+        raise ValueError(
+            f"unknown logical axis names {unknown}; expected names from {LOGICAL_AXES}"
+        )
     return names
 
 

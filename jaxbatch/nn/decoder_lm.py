@@ -74,7 +74,9 @@ class DecoderLM(nn.Module):
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
         if self.width % self.heads:
-            raise ValueError(f"DecoderLM: width={self.width} is not divisible by heads={self.heads}")
+            raise ValueError(
+                f"DecoderLM: width={self.width} is not divisible by heads={self.heads}"
+            )
         if self.depth < 1:
             raise ValueError(f"DecoderLM: depth must be >= 1, got {self.depth}")
         super().__post_init__()

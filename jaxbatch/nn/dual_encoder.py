@@ -44,7 +44,10 @@ class DualEncoder(nn.Module):
 
     Attributes:
       x_encoder: tower for the x inputs (params under 'x_encoder').
-      y_encoder: tower for the y inputs (params under 'y_encoder').
+      y_encoder: tower for the y inputs (params under 'y_encoder'); None with ``share_towers``.
+      share_towers: encode y with the x tower and the x projection (a Siamese dual encoder, for
+        two inputs of the same modality such as text and code, where shared weights make equal
+        inputs map to equal embeddings from the start).
       embed_dim: dimension of the shared embedding space.
       logit_scale_init: initial value of the log logit scale t.
       logit_bias_init: initial logit bias; None means no bias parameter (logit_bias is None).
@@ -55,16 +58,22 @@ class DualEncoder(nn.Module):
     """
 
     x_encoder: nn.Module
-    y_encoder: nn.Module
+    y_encoder: nn.Module | None
     embed_dim: int
     logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
     logit_bias_init: float | None = None
     normalize: bool = True
+    share_towers: bool = False
     max_logit_scale: float | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        if self.share_towers != (self.y_encoder is None):
+            raise ValueError(
+                "DualEncoder: give y_encoder=None exactly when share_towers=True, got "
+                f"share_towers={self.share_towers} and y_encoder={type(self.y_encoder).__name__}"
+            )
         if self.embed_dim < 1:
             raise ValueError(f"DualEncoder: embed_dim must be >= 1, got {self.embed_dim}")
         if self.max_logit_scale is not None and self.max_logit_scale <= 0:
@@ -84,7 +93,8 @@ class DualEncoder(nn.Module):
             )
 
         self.x_proj = proj()
-        self.y_proj = proj()
+        if not self.share_towers:
+            self.y_proj = proj()
         self.log_logit_scale = self.param(
             "log_logit_scale",
             partitioned(nn.initializers.constant(self.logit_scale_init), ()),
@@ -110,16 +120,18 @@ class DualEncoder(nn.Module):
 
     def encode_y(self, y_inputs: Any, train: bool = False) -> jax.Array:
         """Embeddings zy float32 [B, embed_dim] of the y inputs (unit norm when ``normalize``)."""
+        if self.share_towers:
+            return self._embed(self.x_encoder, self.x_proj, y_inputs, train)
         return self._embed(self.y_encoder, self.y_proj, y_inputs, train)
 
     def scales(self) -> tuple[jax.Array, jax.Array | None]:
         """(logit_scale = exp(t) (clipped if set), logit_bias or None), both float32 scalars."""
-        t = self.log_logit_scale.astype(jnp.float32)
+        t = jnp.asarray(self.log_logit_scale, jnp.float32)
         if self.max_logit_scale is not None:
             t = jnp.minimum(t, math.log(self.max_logit_scale))
         bias = None
         if self.logit_bias_init is not None:
-            bias = self.logit_bias.astype(jnp.float32)
+            bias = jnp.asarray(self.logit_bias, jnp.float32)
         return jnp.exp(t), bias
 
     def __call__(

@@ -37,9 +37,10 @@ class GhostBatchNorm(nn.Module):
 
     (1/G) sum_g mu_g equals the full-batch mean; (1/G) sum_g var_g is the average within-ghost
     (biased, 1/V) variance, i.e. the variance the layer actually normalised with during training.
-    Hoffer et al.'s Alg. 1 folds each ghost batch into the running average in turn; one uniform
-    step per call keeps ``momentum`` meaning what it means in flax BatchNorm and makes G = 1
-    reduce exactly to it. No running statistics are updated during ``init``.
+    Hoffer et al.'s Alg. 1 also builds the running statistics from the ghost-batch statistics;
+    taking one EMA step per call with their uniform mean keeps ``momentum`` meaning what it means
+    in flax BatchNorm (one step per training step, whatever G is) and makes G = 1 reduce exactly
+    to it. No running statistics are updated during ``init``.
 
     With ``virtual_batch_size=None`` (or equal to the local batch) this computes exactly what
     ``flax.linen.BatchNorm`` computes, and the variables have the same names and shapes: params

@@ -58,6 +58,41 @@ def dot_product_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+class DenseGeneral(nn.Module):
+    """y = x contracted over its last ``contract_ndim`` axes with a kernel of shape
+    x.shape[-contract_ndim:] + features, plus a bias of shape ``features``.
+
+    Used instead of ``nn.DenseGeneral``, whose initializer builds a flattened 2-D kernel and so
+    cannot carry per-dimension logical names under a mesh. The kernel is Glorot-uniform over
+    fan_in = prod(contracted dims) and fan_out = prod(features), as the flattened kernel would be.
+    """
+
+    features: tuple[int, ...]
+    kernel_names: tuple[str | None, ...]
+    bias_names: tuple[str | None, ...]
+    contract_ndim: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = self.contract_ndim
+        shape = x.shape[-n_in:] + tuple(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0,
+            "fan_avg",
+            "uniform",
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, len(shape))),
+        )
+        kernel = self.param("kernel", partitioned(init, self.kernel_names), shape, self.param_dtype)
+        bias = self.param(
+            "bias", partitioned(_zeros, self.bias_names), tuple(self.features), self.param_dtype
+        )
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.tensordot(x, kernel, axes=n_in) + bias
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention (Vaswani et al. 2017, "Attention Is All You Need", Eq. 1).
 
@@ -76,31 +111,19 @@ class MultiHeadAttention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
         head_dim = width // self.num_heads
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
         def proj(name: str, tag: str) -> jax.Array:
-            y = nn.DenseGeneral(
-                features=(self.num_heads, head_dim),
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(_default_kernel_init, (EMBED, HEADS, KV)),
-                bias_init=partitioned(_zeros, (HEADS, KV)),
-                name=name,
+            y = DenseGeneral(
+                (self.num_heads, head_dim), (EMBED, HEADS, KV), (HEADS, KV), **kw, name=name
             )(x)
             return checkpoint_name(y, tag)
 
         q = proj("query", remat.QUERY_PROJ)
         k = proj("key", remat.KEY_PROJ)
         v = proj("value", remat.VALUE_PROJ)
-        y = dot_product_attention(q, k, v, mask)
-        y = nn.DenseGeneral(
-            features=width,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=partitioned(_default_kernel_init, (HEADS, KV, EMBED)),
-            bias_init=partitioned(_zeros, (EMBED,)),
-            name="out",
-        )(y)
+        y = dot_product_attention(q, k, v, mask)  # [B, L, H, D]
+        y = DenseGeneral((width,), (HEADS, KV, EMBED), (EMBED,), 2, **kw, name="out")(y)
         return checkpoint_name(y, remat.OUT_PROJ)
 
 

@@ -3,10 +3,12 @@
 A fast, byte-level text tower (no tokenizer, no vocabulary file): every window of n bytes
 (n in ``orders``) of the token ids is hashed into one of ``buckets`` rows of an embedding table,
 exactly as fastText builds words from character n-grams, and the text is the weighted mean of its
-n-gram embeddings, each n-gram weighted by a learned positive scalar (a learned, IDF-like salience):
+n-gram embeddings, each weighted by its sublinear count (as in TF-IDF) times a learned positive scalar
+(a learned, IDF-like salience):
 
   id_t^n = hash(n, b_t, ..., b_{t+n-1}) mod buckets    (windows that touch padding are dropped)
-  w_t^n  = softplus(s[id_t^n]),   h = Σ w_t^n E[id_t^n] / Σ w_t^n,   out = LN(h) (+ MLP)
+  c_b[j] = #{(t, n): id_t^n = j}             (n-gram counts of text b, per bucket)
+  w_b[j] = log(1 + c_b[j]) · softplus(s[j]),  h_b = Σ_j w_b[j] E[j] / Σ_j w_b[j],  out = LN(h) (+ MLP)
 
 Letters can be folded to lower case first (``lowercase``), so 'ReadFile' and 'read_file' share their
 'read'/'file' n-grams. On a CPU this trains hundreds of times faster than a transformer over the same
@@ -77,6 +79,8 @@ class NgramBagEncoder(nn.Module):
       orders: n-gram orders.
       lowercase: fold ASCII letters to lower case before hashing.
       mlp_dim: hidden width of an optional residual MLP on the pooled vector (0: none).
+      ngram_dropout: during training, drop each n-gram with this probability (a 'dropout' rng is
+        needed then): the text is re-sampled every step, which keeps the bag from memorising.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -86,6 +90,7 @@ class NgramBagEncoder(nn.Module):
     orders: Sequence[int] = (3, 4, 5)
     lowercase: bool = True
     mlp_dim: int = 0
+    ngram_dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -94,6 +99,10 @@ class NgramBagEncoder(nn.Module):
             raise ValueError(
                 f"NgramBagEncoder: width and buckets must be >= 1, got {self.width}, {self.buckets}"
             )
+        if not 0.0 <= self.ngram_dropout < 1.0:
+            raise ValueError(
+                f"NgramBagEncoder: ngram_dropout must be in [0, 1), got {self.ngram_dropout}"
+            )
         if not self.orders:
             raise ValueError("NgramBagEncoder: orders must name at least one n")
         super().__post_init__()
@@ -101,10 +110,12 @@ class NgramBagEncoder(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
         """Encodes int [B, L] token ids into [B, width]."""
-        del train
         if tokens.ndim != 2:
             raise ValueError(f"NgramBagEncoder: expected tokens [B, L], got shape {tokens.shape}")
         ids, valid = ngram_ids(tokens, self.orders, self.buckets, lowercase=self.lowercase)
+        if train and self.ngram_dropout > 0:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.ngram_dropout, ids.shape)
+            valid = valid & keep
         table = self.param(
             "embedding",
             partitioned(nn.initializers.normal(1.0), (VOCAB, EMBED)),
@@ -117,10 +128,15 @@ class NgramBagEncoder(nn.Module):
             (self.buckets,),
             self.param_dtype,
         )
-        emb = jnp.take(table, ids, axis=0).astype(self.dtype)  # [B, K, width]
-        w = jax.nn.softplus(jnp.take(salience, ids).astype(jnp.float32)) * valid  # [B, K]
-        pooled = jnp.einsum("bk,bkd->bd", w.astype(self.dtype), emb)
-        pooled = pooled / jnp.maximum(w.sum(axis=1, keepdims=True), 1e-6).astype(self.dtype)
+        # Bag of n-grams as a dense [B, buckets] matrix of sublinear counts: one scatter-add and one
+        # matmul, O(B·buckets + B·buckets·width), instead of gathering a [B, K, width] tensor.
+        rows = jnp.broadcast_to(jnp.arange(ids.shape[0])[:, None], ids.shape)
+        counts = jnp.zeros((ids.shape[0], self.buckets), jnp.float32)
+        counts = counts.at[rows, ids].add(valid.astype(jnp.float32))
+        weights = jnp.log1p(counts) * jax.nn.softplus(salience.astype(jnp.float32))[None, :]
+        pooled = weights.astype(self.dtype) @ table.astype(self.dtype)  # [B, width]
+        total = jnp.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
+        pooled = pooled / total.astype(self.dtype)
         h = nn.LayerNorm(
             dtype=self.dtype,
             param_dtype=self.param_dtype,

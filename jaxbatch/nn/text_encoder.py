@@ -67,7 +67,8 @@ class TextEncoder(nn.Module):
             )
         if not 0 <= self.pad_id < self.vocab_size:
             raise ValueError(
-                f"TextEncoder: pad_id={self.pad_id} is outside the vocabulary [0, {self.vocab_size})"
+                f"TextEncoder: pad_id={self.pad_id} is outside the vocabulary "
+                f"[0, {self.vocab_size})"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TextEncoder: dropout must be in [0, 1), got {self.dropout}")
@@ -75,12 +76,14 @@ class TextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, train: bool = False) -> jax.Array:
-        """Encodes token ids ``tokens`` int [B, L] (L <= max_len) into [B, width] (or [B, out_dim])."""
+        """Encodes token ids int [B, L] (L <= max_len) into [B, width] (or [B, out_dim])."""
         if tokens.ndim != 2:
             raise ValueError(f"TextEncoder: expected tokens [B, L], got shape {tokens.shape}")
         length = tokens.shape[1]
         if length > self.max_len:
-            raise ValueError(f"TextEncoder: sequence length {length} exceeds max_len={self.max_len}")
+            raise ValueError(
+                f"TextEncoder: sequence length {length} exceeds max_len={self.max_len}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = nn.Embed(
             self.vocab_size,

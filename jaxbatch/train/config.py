@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-TASKS = ("classification", "contrastive", "lm")
+TASKS = ("classification", "contrastive", "lm", "mlm")
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "warmup_rsqrt")
 

@@ -93,11 +93,41 @@ def state_shardings(ema, mesh, abstract_vars, abstract_state) -> step_lib.TrainS
     )
 
 
-def build(cfg: ml_collections.ConfigDict, *, train_arrays: dict | None = None) -> Run:
-    """Everything up to (not including) the first step: nothing is allocated but the init batch."""
+def traced_under_mesh(fn, mesh):
+    """``fn`` traced with ``mesh`` and the logical-axis rules active.
+
+    Inside, the models' ``nn.with_logical_constraint`` calls become sharding constraints on the
+    activations (outside any mesh context they are silently dropped). ``jax.set_mesh`` cannot be
+    entered under ``jax.jit``, the abstract mesh can, so the context is entered by the traced
+    function itself and every trace of it (first call, ``.lower``) is constrained.
+    """
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            with nn.logical_axis_rules(parallel.DEFAULT_RULES):
+                return fn(*args)
+
+    return traced
+
+
+def build(
+    cfg: ml_collections.ConfigDict,
+    *,
+    train_arrays: dict | None = None,
+    devices: list | None = None,
+) -> Run:
+    """Everything up to (not including) the first step: nothing is allocated but the init batch.
+
+    Args:
+      cfg: a training config (validated and rescaled to its batch here).
+      train_arrays: the training split; only the first two rows of each field are used (to trace
+        init), so arrays of zeros with the right shapes build a run without data (the planner).
+      devices: devices of the mesh; default all devices of all processes.
+    """
     config_lib.validate(cfg)
     cfg, changes = config_lib.rescale_for_batch(cfg)
-    mesh = parallel.make_mesh(**cfg.mesh.to_dict())
+    mesh = parallel.make_mesh(**cfg.mesh.to_dict(), devices=devices)
     parallel.check_batch_divisible(cfg.batch_size, mesh)
     parallel.check_batch_divisible(cfg.eval_batch_size, mesh)
     micro = cfg.batch_size // cfg.micro_batches
@@ -126,12 +156,14 @@ def build(cfg: ml_collections.ConfigDict, *, train_arrays: dict | None = None) -
     shardings = state_shardings(ema, mesh, abstract_vars, abstract_state)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(
-        step_lib.make_train_step(task, tx, ema, micro_batches=cfg.micro_batches),
+        traced_under_mesh(
+            step_lib.make_train_step(task, tx, ema, micro_batches=cfg.micro_batches), mesh
+        ),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    eval_step = jax.jit(task.eval_fn, out_shardings=batch_sharding)
+    eval_step = jax.jit(traced_under_mesh(task.eval_fn, mesh), out_shardings=batch_sharding)
     fp = ckpt.fingerprint(cfg.task, cfg.model.to_dict(), abstract_state.params)
     return Run(
         cfg, changes, task, mesh, tx, ema, shardings, batch_sharding, abstract_state,
@@ -153,7 +185,9 @@ def init_or_restore(run: Run, checkpointer: ckpt.Checkpointer | None):
         _log(f"resumed from checkpoint at step {step}")
         return state, data_state
     init = jax.jit(
-        functools.partial(step_lib.init_state, run.task, run.tx, run.ema),
+        traced_under_mesh(
+            functools.partial(step_lib.init_state, run.task, run.tx, run.ema), run.mesh
+        ),
         out_shardings=run.state_shardings,
     )
     return init(jax.random.PRNGKey(run.cfg.seed), run.init_batch), None
@@ -191,6 +225,7 @@ def train(
     *,
     progress: bool = True,
     stop_after_step: int | None = None,
+    devices: list | None = None,
 ) -> dict[str, Any]:
     """Trains (or resumes) the run of ``cfg`` in ``workdir``; returns the final summary.
 
@@ -200,12 +235,13 @@ def train(
       progress: show a tqdm progress bar.
       stop_after_step: stop (after checkpointing) once this step is reached, as a pre-empted job
         would; a later call resumes. None trains to the end.
+      devices: devices of the mesh (default: all devices of all processes).
 
     Returns:
       {'step', 'samples', 'train_loss', 'eval': {...}, 'eval_ema': {...}?, 'baseline': {...}?}.
     """
     train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
-    run = build(cfg, train_arrays=train_arrays)
+    run = build(cfg, train_arrays=train_arrays, devices=devices)
     cfg = run.cfg
     for change in run.changes:
         _log(

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxbatch import nn as jnn
+from jaxbatch.nn.bert import BertMLM
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet_cifar": jnn.resnet_cifar,
@@ -23,8 +24,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet50": jnn.resnet50,
     "vit": jnn.ViT,
     "text_encoder": jnn.TextEncoder,
+    "ngram_bag": jnn.NgramBagEncoder,
     "dual_encoder": jnn.DualEncoder,
     "decoder_lm": jnn.DecoderLM,
+    "bert_mlm": BertMLM,
 }
 _TOWERS = ("x_encoder", "y_encoder")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -50,6 +53,9 @@ def build_model(spec: Mapping[str, Any], *, where: str = "config.model") -> nn.M
     ctor = MODELS[name]
     if name == "dual_encoder":
         for tower in _TOWERS:
+            if tower == "y_encoder" and kwargs.get("share_towers"):
+                kwargs.setdefault(tower, None)
+                continue
             if not isinstance(kwargs.get(tower), Mapping):
                 raise ValueError(f"{where}.{tower} must be a model section with a 'name'")
             kwargs[tower] = build_model(kwargs[tower], where=f"{where}.{tower}")

@@ -29,6 +29,7 @@ import optax
 from jaxbatch import data as jdata
 from jaxbatch import losses
 from jaxbatch.train.models import build_model
+from jaxbatch.train.tasks_mlm import mlm_task
 
 Batch = dict[str, Any]
 
@@ -178,7 +179,12 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
     return Task("lm", model, ("tokens",), init_fn, loss_fn, eval_fn, summarize, "bits_per_byte")
 
 
-_TASKS = {"classification": _classification, "contrastive": _contrastive, "lm": _lm}
+_TASKS = {
+    "classification": _classification,
+    "contrastive": _contrastive,
+    "lm": _lm,
+    "mlm": mlm_task,
+}
 
 
 def make_task(cfg: ml_collections.ConfigDict) -> Task:

@@ -179,10 +179,10 @@ STEP_CASES = [
 
 
 @pytest.mark.parametrize("name", STEP_CASES)
-def test_one_sgd_step_decreases_the_loss(name):
+def test_one_sgd_step_decreases_the_loss(name, fast_jit):
     model, args, kwargs, loss_of_outputs = CASES[name](jnp.float32, jnp.float32)
 
-    @jax.jit
+    @fast_jit
     def init_and_step():
         variables = nn.meta.unbox(_init(model, args, kwargs))
         loss = _loss_fn(model, variables, args, kwargs, loss_of_outputs)
@@ -227,10 +227,10 @@ def test_forward_shapes_and_every_param_has_logical_axis_names(name):
 
 
 @pytest.mark.parametrize("name", ["resnet_batch", "dual_encoder_images", "decoder_lm_scan"])
-def test_dtype_and_param_dtype(name):
+def test_dtype_and_param_dtype(name, fast_jit):
     model, args, kwargs, _ = CASES[name](jnp.bfloat16, jnp.bfloat16)
 
-    @jax.jit
+    @fast_jit
     def init_and_apply():
         variables = nn.meta.unbox(_init(model, args, kwargs))
         rngs = {"dropout": jax.random.key(1)}

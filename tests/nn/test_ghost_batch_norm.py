@@ -14,10 +14,8 @@ MOMENTUM = 0.9
 EPS = 1e-5
 
 
-def _variables(module, x, key=1):
-    """Initialised variables with random scale/bias and non-trivial running statistics."""
-    module = module.clone(use_running_average=False)
-    variables = nn.meta.unbox(module.init(jax.random.key(0), x))
+def _variables(x, key=1):
+    """BatchNorm-shaped variables with random scale/bias and non-trivial running statistics."""
     k1, k2, k3, k4 = jax.random.split(jax.random.key(key), 4)
     c = x.shape[-1]
     return {
@@ -63,10 +61,10 @@ def test_full_virtual_batch_equals_flax_batch_norm(x, vbs):
     vbs = x.shape[0] if vbs == "full" else vbs
     ghost = GhostBatchNorm(virtual_batch_size=vbs, momentum=MOMENTUM, epsilon=EPS)
     bn = nn.BatchNorm(momentum=MOMENTUM, epsilon=EPS)
-    variables = _variables(ghost, x)
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        variables, nn.meta.unbox(bn.init(jax.random.key(0), x, use_running_average=False))
-    )
+    init_ghost = ghost.init(jax.random.key(0), x, use_running_average=False)
+    init_bn = bn.init(jax.random.key(0), x, use_running_average=False)
+    chex.assert_trees_all_equal(nn.meta.unbox(init_ghost), init_bn)  # same names, shapes, values
+    variables = _variables(x)
     y, upd = ghost.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     y_bn, upd_bn = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     chex.assert_trees_all_close(y, y_bn, rtol=1e-5, atol=1e-5)
@@ -78,7 +76,7 @@ def test_ghost_batches_match_numpy_reference(x, vbs):
     if x.shape[0] % vbs:
         pytest.skip("batch not divisible")
     ghost = GhostBatchNorm(virtual_batch_size=vbs, momentum=MOMENTUM, epsilon=EPS)
-    variables = _variables(ghost, x)
+    variables = _variables(x)
     y, upd = ghost.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
     y_ref, mean_ref, var_ref = _ghost_reference(x, variables, vbs)
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -94,7 +92,7 @@ def test_ghost_batches_match_numpy_reference(x, vbs):
 def test_ghost_batches_equal_per_chunk_flax_batch_norm(x):
     vbs = 4 if x.shape[0] % 4 == 0 else 2
     ghost = GhostBatchNorm(virtual_batch_size=vbs, epsilon=EPS)
-    variables = _variables(ghost, x)
+    variables = _variables(x)
     y = ghost.apply(variables, x, use_running_average=False, mutable=["batch_stats"])[0]
     bn = nn.BatchNorm(epsilon=EPS, use_running_average=False)
     chunks = [
@@ -106,7 +104,7 @@ def test_ghost_batches_equal_per_chunk_flax_batch_norm(x):
 
 def test_running_average_mode_uses_stored_statistics(x):
     ghost = GhostBatchNorm(virtual_batch_size=2, use_running_average=True, epsilon=EPS)
-    variables = _variables(ghost, x)
+    variables = _variables(x)
     y, upd = ghost.apply(variables, x, mutable=["batch_stats"])
     stats, params = variables["batch_stats"], variables["params"]
     y_ref = (np.asarray(x) - np.asarray(stats["mean"])) / np.sqrt(
@@ -165,7 +163,7 @@ def _sharded_apply(module, variables, x, devices):
 def test_axis_name_without_virtual_batch_is_synchronised_batch_norm(eight_devices):
     x = 1.0 + 2.0 * jax.random.normal(jax.random.key(3), (32, 4))
     ghost = GhostBatchNorm(axis_name="data", momentum=MOMENTUM, epsilon=EPS)
-    variables = _variables(ghost, x)
+    variables = _variables(x)
     y, upd = _sharded_apply(ghost, variables, x, eight_devices)
     y_ref, mean_ref, var_ref = _ghost_reference(x, variables, x.shape[0])
     np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
@@ -177,7 +175,7 @@ def test_axis_name_without_virtual_batch_is_synchronised_batch_norm(eight_device
 def test_ghost_batches_are_per_device_and_running_stats_averaged(eight_devices, vbs):
     x = 1.0 + 2.0 * jax.random.normal(jax.random.key(4), (32, 4))
     ghost = GhostBatchNorm(virtual_batch_size=vbs, axis_name="data", momentum=MOMENTUM, epsilon=EPS)
-    variables = _variables(ghost, x)
+    variables = _variables(x)
     y, upd = _sharded_apply(ghost, variables, x, eight_devices)
     # Ghost batches never straddle devices, so the global reference with the same V applies;
     # the running statistics are the average of the per-device updates = the global mean.

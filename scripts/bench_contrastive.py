@@ -1,0 +1,239 @@
+"""Benchmark of jaxbatch.losses.contrastive_loss: the tiled 'xla' path against the N×N reference.
+
+One run measures, for kind in (softmax, sigmoid) and D = 256:
+
+- forward+backward time (jit of value_and_grad wrt x, y, logit_scale, logit_bias) and compiled
+  temp memory of 'reference' vs 'xla' at N = 2,048 … 16,384; the two are timed alternately and the
+  fastest of the repetitions is kept, so both see the same machine load;
+- 'xla' alone at N = 65,536, with the reference's temp memory from compiling it (not running it);
+- per-device compiled memory of the ring (8 simulated devices) at global N = 1M and 4M (compile
+  only, from ShapeDtypeStructs);
+- the goals, each printed PASS/FAIL: xla time ≤ 0.8× reference at N = 8,192 and 16,384; xla temp
+  memory at N = 65,536 ≤ inputs + their gradients + 64 MiB; time growing as N² or slower (the
+  exponent of a least-squares fit of log time on log N over the xla sizes, ≤ 2.15).
+
+    python scripts/bench_contrastive.py [--quick] [--out bench_results/bench_contrastive.json]
+      [--block-size B] [--sweep-blocks]
+
+``--sweep-blocks`` also times 'xla' at N = 8,192 for block sizes 256 … 2,048 (how the CPU default
+of ``DEFAULT_BLOCK_SIZE`` was chosen).
+"""
+
+from __future__ import annotations
+
+import os
+
+# The ring needs 8 devices, and XLA reads this flag once, before jax starts.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxbatch.losses import contrastive_loss  # noqa: E402
+from jaxbatch.losses.contrastive_specs import (  # noqa: E402
+    BENCH_DIM,
+    BENCH_RING_GLOBAL,
+    BENCH_SIZES,
+    BENCH_XLA_ONLY,
+    default_spec,
+)
+
+MIB = 2**20
+KINDS = ("softmax", "sigmoid")
+RATIO_GOAL = 0.8
+EXPONENT_GOAL = 2.15
+MEMORY_SLACK = 64 * MIB
+
+
+def _loss_fn(kind, implementation, block_size, axis_name=None):
+    def loss(x, y, s, b):
+        return contrastive_loss(
+            x, y, s, b, kind=kind, implementation=implementation,
+            block_size=block_size, axis_name=axis_name,
+        )  # fmt: skip
+
+    return loss
+
+
+def _compiled(kind, implementation, block_size, args):
+    fn = jax.jit(
+        jax.value_and_grad(_loss_fn(kind, implementation, block_size), argnums=(0, 1, 2, 3))
+    )
+    return fn.lower(*args).compile()
+
+
+def _args(kind, n):
+    x, y, s, b = default_spec(kind, n, BENCH_DIM).make_args()
+    return x, y, s, jnp.float32(0.0) if b is None else b
+
+
+def _time_alternating(fns, args, reps, warmup=True):
+    """Fastest wall time of each compiled fn, running them in turn so both see the same load."""
+    best = [math.inf] * len(fns)
+    for fn in fns if warmup else ():
+        jax.block_until_ready(fn(*args))
+    for _ in range(reps):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best
+
+
+def _temp(compiled) -> int:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def bench_pairs(kind, sizes, reps, block_size):
+    rows = []
+    for n in sizes:
+        args = _args(kind, n)
+        ref = _compiled(kind, "reference", None, args)
+        xla = _compiled(kind, "xla", block_size, args)
+        t_ref, t_xla = _time_alternating([ref, xla], args, reps)
+        rows.append(
+            dict(kind=kind, n=n, ref_s=t_ref, xla_s=t_xla, ratio=t_xla / t_ref,
+                 ref_temp_mib=_temp(ref) / MIB, xla_temp_mib=_temp(xla) / MIB)
+        )  # fmt: skip
+        _print_row(rows[-1])
+    return rows
+
+
+def bench_xla_only(kind, n, reps, block_size):
+    args = _args(kind, n)
+    xla = _compiled(kind, "xla", block_size, args)
+    (t_xla,) = _time_alternating([xla], args, reps, warmup=False)  # compiled ahead: no warm-up
+    abstract = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)
+    try:
+        ref_temp = _temp(_compiled(kind, "reference", None, abstract)) / MIB
+    except Exception as e:  # noqa: BLE001 - reported, not hidden: the reference may not compile
+        ref_temp = f"does not compile: {type(e).__name__}"
+    inputs_and_grads = 2 * 2 * n * BENCH_DIM * 4
+    row = dict(
+        kind=kind, n=n, ref_s=None, xla_s=t_xla, ratio=None, ref_temp_mib=ref_temp,
+        xla_temp_mib=_temp(xla) / MIB, budget_mib=(inputs_and_grads + MEMORY_SLACK) / MIB,
+    )  # fmt: skip
+    _print_row(row)
+    return row
+
+
+def bench_ring(kind, n_global, block_size):
+    mesh = jax.make_mesh((8,), ("data",))
+    rows_sharding = NamedSharding(mesh, P("data"))
+    emb = jax.ShapeDtypeStruct((n_global, BENCH_DIM), jnp.float32, sharding=rows_sharding)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    sharded = jax.shard_map(
+        _loss_fn(kind, "xla", block_size, axis_name="data"), mesh=mesh,
+        in_specs=(P("data"), P("data"), P(), P()), out_specs=P(),
+    )  # fmt: skip
+    fn = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1, 2, 3)))
+    mem = fn.lower(emb, emb, scalar, scalar).compile().memory_analysis()
+    n_local = n_global // 8
+    row = dict(
+        kind=kind, n_global=n_global, n_local=n_local,
+        temp_mib=mem.temp_size_in_bytes / MIB,
+        argument_mib=mem.argument_size_in_bytes / MIB,
+        output_mib=mem.output_size_in_bytes / MIB,
+        logits_slice_mib=n_local * n_global * 4 / MIB,
+    )  # fmt: skip
+    print(
+        f"  ring {kind:8s} N={n_global:>9,d} (N_local={n_local:,d}): temp {row['temp_mib']:8.1f} "
+        f"MiB, arguments {row['argument_mib']:7.1f} MiB, outputs {row['output_mib']:7.1f} MiB "
+        f"per device (an N_local×N slice of the logits would be {row['logits_slice_mib']:,.0f} MiB)"
+    )
+    return row
+
+
+def _print_row(r):
+    ref_s = "-" if r["ref_s"] is None else f"{r['ref_s']:8.3f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:6.2f}"
+    ref_temp = r["ref_temp_mib"]
+    ref_temp = f"{ref_temp:10.1f}" if isinstance(ref_temp, float) else ref_temp
+    print(
+        f"  {r['kind']:8s} {r['n']:>7,d} {ref_s:>9s} {r['xla_s']:9.3f} {ratio:>7s} "
+        f"{ref_temp:>12s} {r['xla_temp_mib']:10.1f}",
+        flush=True,
+    )
+
+
+def _fit_exponent(rows):
+    n = np.array([r["n"] for r in rows], float)
+    t = np.array([r["xla_s"] for r in rows], float)
+    return float(np.polyfit(np.log(n), np.log(t), 1)[0])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repetition")
+    parser.add_argument("--out", default="bench_results/bench_contrastive.json")
+    parser.add_argument("--block-size", type=int, default=None, help="xla tile size")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per size")
+    parser.add_argument("--sweep-blocks", action="store_true", help="time xla block sizes")
+    args = parser.parse_args()
+
+    sizes = (512, 1024) if args.quick else BENCH_SIZES
+    big = 4096 if args.quick else BENCH_XLA_ONLY
+    ring_sizes = (1 << 14,) if args.quick else BENCH_RING_GLOBAL
+    reps = args.reps or (1 if args.quick else 3)
+    goal_sizes = sizes[-2:]
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, D={BENCH_DIM}, reps={reps}")
+
+    results = dict(config=dict(quick=args.quick, reps=reps, block_size=args.block_size,
+                               dim=BENCH_DIM, backend=jax.default_backend()))  # fmt: skip
+    goals = []
+    for kind in KINDS:
+        print(f"\n{kind}: forward+backward (value_and_grad wrt x, y, scale, bias)")
+        print(f"  {'kind':8s} {'N':>7s} {'ref s':>9s} {'xla s':>9s} {'ratio':>7s} "
+              f"{'ref tmp MiB':>12s} {'xla tmp MiB':>10s}")  # fmt: skip
+        rows = bench_pairs(kind, sizes, reps, args.block_size)
+        big_row = bench_xla_only(kind, big, 1, args.block_size)
+        ring_rows = [bench_ring(kind, n, args.block_size) for n in ring_sizes]
+        exponent = _fit_exponent(rows + [big_row])
+        results[kind] = dict(pairs=rows, xla_only=big_row, ring=ring_rows, exponent=exponent)
+        for r in rows:
+            if r["n"] in goal_sizes:
+                goals.append((f"{kind}: xla time <= {RATIO_GOAL}x reference at N={r['n']:,d}",
+                              r["ratio"] <= RATIO_GOAL, f"ratio {r['ratio']:.2f}"))  # fmt: skip
+        goals.append((
+            f"{kind}: xla temp at N={big:,d} <= inputs + grads + 64 MiB",
+            big_row["xla_temp_mib"] <= big_row["budget_mib"],
+            f"{big_row['xla_temp_mib']:.1f} MiB <= {big_row['budget_mib']:.1f} MiB",
+        ))  # fmt: skip
+        goals.append((f"{kind}: xla time grows as N^2 or slower", exponent <= EXPONENT_GOAL,
+                       f"fitted exponent {exponent:.2f}"))  # fmt: skip
+
+    if args.sweep_blocks:
+        n = 2048 if args.quick else 8192
+        print(f"\nblock sweep, xla at N={n:,d}")
+        sweep = {}
+        for kind in KINDS:
+            fns = [_compiled(kind, "xla", b, _args(kind, n)) for b in (256, 512, 1024, 2048)]
+            times = _time_alternating(fns, _args(kind, n), reps)
+            sweep[kind] = dict(zip(("256", "512", "1024", "2048"), times, strict=True))
+            print(f"  {kind:8s} " + "  ".join(f"B={b}: {t:.3f}s" for b, t in sweep[kind].items()))
+        results["block_sweep"] = sweep
+
+    print("\ngoals")
+    for name, ok, detail in goals:
+        print(f"  {'PASS' if ok else 'FAIL'}  {name} ({detail})")
+    results["goals"] = [dict(goal=g, passed=bool(ok), detail=d) for g, ok, d in goals]
+
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
