@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(VENV)/bin/jaxbatch train --config configs/codesearch_clip.py --workdir runs/codesearch_clip
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

@@ -117,7 +117,9 @@ def _softmax_grads(x, y, scale, bias, row_lse, col_lse, kind, block, ring):
         return y_next, c_next, ring.shift(dy_in + dy_acc), dx_acc
 
     zeros = tiled.varying_full(0.0, xb.shape, xb)
-    _, _, dy_acc, dx_acc = _run(ring, step, (yb, col_lse, zeros, zeros))
+    init = (yb, col_lse, tiled.column_zeros(yb), zeros)
+    _, _, dy_acc_t, dx_acc = _run(ring, step, init)
+    dy_acc = tiled.columns_to_rows(dy_acc_t)
     n_global = n * ring.size
     # G_ij = (P_ij + Q_ij - 2·δ_ij) / 2N.
     dx_raw = tiled.from_blocks(dx_acc, layout) / (2 * n_global)
@@ -142,23 +144,24 @@ def _sigmoid(x, y, scale, bias, block, ring, *, with_grad):
             return y_next, None, rows + sw.row_loss, None, None
         return (
             y_next,
-            ring.shift(dy_in + sw.dy_acc),
+            ring.shift(dy_in + sw.dy_acc_t),
             rows + sw.row_loss,
             sw.dx_acc,
             sig + sw.sigma_sum,
         )
 
     rows0 = tiled.varying_full(0.0, (layout.num_blocks, block), xb)
-    zeros = tiled.varying_full(0.0, xb.shape, xb) if with_grad else None
-    carry = (yb, zeros, rows0, zeros, rows0 if with_grad else None)
-    _, dy_acc, rows, dx_acc, sig = _run(ring, step, carry)
+    carry = (yb, None, rows0, None, None)
+    if with_grad:
+        carry = (yb, tiled.column_zeros(yb), rows0, tiled.varying_full(0.0, xb.shape, xb), rows0)
+    _, dy_acc_t, rows, dx_acc, sig = _run(ring, step, carry)
     n_global = n * ring.size
     # softplus(-S_ii) = softplus(S_ii) - S_ii turns the sweep's negative-pair term into a positive.
     loss = ring.sum((jnp.sum(_flat(rows, n)) - jnp.sum(_diag(x, y, scale, bias))) / n_global)
     if not with_grad:
         return loss, None
     dx_raw = tiled.from_blocks(dx_acc, layout) / n_global
-    dy_raw = tiled.from_blocks(dy_acc, layout) / n_global
+    dy_raw = tiled.from_blocks(tiled.columns_to_rows(dy_acc_t), layout) / n_global
     ds = jnp.sum(x.astype(_F32) * dx_raw)
     db = jnp.sum(_flat(sig, n)) / n_global
     return loss, (dx_raw, dy_raw, ds, db)

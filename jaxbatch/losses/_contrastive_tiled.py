@@ -87,14 +87,15 @@ def _dot_t(g: jax.Array, a: jax.Array) -> jax.Array:
     return lax.dot_general(a, g.astype(a.dtype), _COLS_T, preferred_element_type=_F32)
 
 
-def _transposed_zeros(yb: jax.Array) -> jax.Array:
-    """Zeros [nb, D, B] for the transposed column accumulators."""
+def column_zeros(yb: jax.Array) -> jax.Array:
+    """Zeros [nb, D, B]: the layout of the column (dy) accumulators, transposed blocks of y."""
     nb, bsz, d = yb.shape
     return varying_full(0.0, (nb, d, bsz), yb)
 
 
-def _untranspose(acc_t: jax.Array) -> jax.Array:
-    return jnp.swapaxes(acc_t, 1, 2)  # [nb, D, B] -> [nb, B, D]
+def columns_to_rows(acc_t: jax.Array) -> jax.Array:
+    """[nb, D, B] column accumulators -> [nb, B, D] blocks."""
+    return jnp.swapaxes(acc_t, 1, 2)
 
 
 def _finite_or_zero(m: jax.Array) -> jax.Array:
@@ -195,7 +196,7 @@ def softmax_grad_sweep(
 
     With P_ij = exp(S_ij - row_lse_i), Q_ij = exp(S_ij - col_lse_j) (both 0 on masked entries) and
     g_ij = P_ij + Q_ij - 2·δ_ij (δ: the positive pairs; 2N·∂loss/∂S_ij):
-      dx_acc_i = dx_init_i + Σ_j g_ij·y_j,   dy_acc_j = Σ_i g_ij·x_i.
+      dx_acc_i = dx_init_i + Σ_j g_ij·y_j,   dy_acc_j = Σ_i g_ij·x_i   (stored transposed).
     The -2·δ is subtracted in float32 before g meets the (maybe bfloat16) embeddings: for a
     confident positive P + Q ≈ 2 and the difference would be lost to rounding.
 
@@ -207,7 +208,8 @@ def softmax_grad_sweep(
       dx_init: [nb, B, D] float32 to accumulate dx into (earlier ring steps), or None for zeros.
 
     Returns:
-      (dx_acc, dy_acc), each [nb, B, D] float32.
+      (dx_acc [nb, B, D], dy_acc_t [nb, D, B]), float32; ``columns_to_rows`` turns dy_acc_t into
+      blocks of y's layout (once, after the last ring step).
     """
     with jax.named_scope(f"contrastive_softmax_grad_sweep_B{layout.block}"):
         return _softmax_grad_sweep(
@@ -238,8 +240,8 @@ def _softmax_grad_sweep(
         dx_i, dy_acc = lax.scan(col_block, dx_i, (yb, idx, col_lse, dy_acc))
         return dy_acc, dx_i
 
-    dy_acc_t, dx_acc = lax.scan(row_block, _transposed_zeros(yb), (xb, idx, row_lse, dx_init))
-    return dx_acc, _untranspose(dy_acc_t)
+    dy_acc_t, dx_acc = lax.scan(row_block, column_zeros(yb), (xb, idx, row_lse, dx_init))
+    return dx_acc, dy_acc_t
 
 
 class SigmoidSweep(NamedTuple):
@@ -247,7 +249,7 @@ class SigmoidSweep(NamedTuple):
 
     row_loss: jax.Array  # [nb, B]: Σ_j softplus(S_ij)
     dx_acc: jax.Array | None  # [nb, B, D]: Σ_j (σ(S_ij) - δ_ij)·y_j
-    dy_acc: jax.Array | None  # [nb, B, D]: Σ_i (σ(S_ij) - δ_ij)·x_i
+    dy_acc_t: jax.Array | None  # [nb, D, B]: Σ_i (σ(S_ij) - δ_ij)·x_i, transposed
     sigma_sum: jax.Array | None  # [nb, B]: Σ_j (σ(S_ij) - δ_ij)
 
 
@@ -311,8 +313,7 @@ def _sigmoid_sweep(xb, yb, scale, bias, layout, with_grad, home, dx_init):
 
     dy_init, dx_blocks = None, None
     if with_grad:
-        dy_init = _transposed_zeros(yb)
+        dy_init = column_zeros(yb)
         dx_blocks = varying_full(0.0, xb.shape, xb) if dx_init is None else dx_init
     dy_acc_t, (row_loss, dx_acc, sigma_sum) = lax.scan(row_block, dy_init, (xb, idx, dx_blocks))
-    dy_acc = None if dy_acc_t is None else _untranspose(dy_acc_t)
-    return SigmoidSweep(row_loss, dx_acc, dy_acc, sigma_sum)
+    return SigmoidSweep(row_loss, dx_acc, dy_acc_t, sigma_sum)

@@ -223,8 +223,13 @@ def largest_fitting_batch(
     plans = [
         plan(with_per_device_batch(cfg, b, shards), devices=devices) for b in per_device_batches
     ]
+    return plans, largest_within(plans, budget_bytes)
+
+
+def largest_within(plans: Sequence[Plan], budget_bytes: int) -> int | None:
+    """The largest per-device batch among ``plans`` whose peak fits ``budget_bytes``, or None."""
     fitting = [p.per_device_batch for p in plans if p.peak_bytes <= budget_bytes]
-    return plans, max(fitting) if fitting else None
+    return max(fitting) if fitting else None
 
 
 def format_bytes(n: float) -> str:

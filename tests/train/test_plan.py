@@ -37,9 +37,14 @@ def small_resnet(mesh="mesh.data=2,mesh.fsdp=4,mesh.tensor=1", *extra):
     return load("imagenet_resnet50_lars.py:runlocal", *mesh.split(","), *extra)
 
 
-def test_plan_agrees_with_a_real_scaled_down_run(eight_devices):
+@pytest.fixture(scope="module")
+def small_plan(eight_devices):
+    return plan.plan(small_resnet())
+
+
+def test_plan_agrees_with_a_real_scaled_down_run(eight_devices, small_plan):
     cfg = small_resnet()
-    predicted = plan.plan(cfg)
+    predicted = small_plan
 
     # The real thing: allocate the state, feed real arrays, compile the step on them, run it.
     example = shapes.example_shapes(cfg)
@@ -115,21 +120,19 @@ def test_count_collectives_on_hand_written_hlo():
 
 def test_largest_batch_that_fits_a_budget(eight_devices):
     cfg = small_resnet()
-    plans, _ = plan.largest_fitting_batch(cfg, [4, 8, 16], budget_bytes=2**62)
+    plans, best = plan.largest_fitting_batch(cfg, [4, 8, 16], budget_bytes=2**62)
     peaks = [p.peak_bytes for p in plans]
-    assert [p.per_device_batch for p in plans] == [4, 8, 16]
+    assert [p.per_device_batch for p in plans] == [4, 8, 16] and best == 16
     assert peaks[0] < peaks[1] < peaks[2]
-    budget = (peaks[1] + peaks[2]) // 2
-    plans, best = plan.largest_fitting_batch(cfg, [4, 8, 16], budget)
-    assert best == 8
-    assert plan.largest_fitting_batch(cfg, [16], peaks[0] - 1)[1] is None
+    assert plan.largest_within(plans, (peaks[1] + peaks[2]) // 2) == 8
+    assert plan.largest_within(plans, peaks[0] - 1) is None
     with pytest.raises(ValueError, match="per-device batch 6 must be a positive multiple"):
         plan.with_per_device_batch(
             load("imagenet_resnet50_lars.py:runlocal", "micro_batches=4"), 6, 8
         )
 
 
-def test_cli_plan_in_process_and_in_a_fresh_process(eight_devices, tmp_path, capsys):
+def test_cli_plan_in_process_and_in_a_fresh_process(eight_devices, small_plan, tmp_path, capsys):
     config = str(CONFIGS / "imagenet_resnet50_lars.py") + ":runlocal"
     out8 = tmp_path / "plan8.json"
     assert (
@@ -151,8 +154,7 @@ def test_cli_plan_in_process_and_in_a_fresh_process(eight_devices, tmp_path, cap
     printed = capsys.readouterr().out
     assert "peak (args + out - alias + temp)" in printed and "all-gather" in printed
     got = json.loads(out8.read_text())
-    expected = plan.plan(small_resnet())
-    assert got["peak_bytes"] == expected.peak_bytes and got["mesh"] == expected.mesh
+    assert got["peak_bytes"] == small_plan.peak_bytes and got["mesh"] == small_plan.mesh
 
     # 4 devices != the 8 this process started with: the CLI re-runs itself with XLA_FLAGS set.
     out4 = tmp_path / "plan4.json"

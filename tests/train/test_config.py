@@ -1,0 +1,90 @@
+"""Config loading and validation: every bad config fails before any work, naming the bad value."""
+
+import pytest
+
+from jaxbatch.train import config as config_lib
+
+CONFIGS = ["configs/digits_resnet_lars.py", "configs/codesearch_clip.py", "configs/stdlib_lm.py"]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_bundled_configs_validate(path, arg):
+    cfg = config_lib.load_config(path if arg is None else f"{path}:{arg}")
+    assert cfg.total_samples >= cfg.batch_size
+    config_lib.check_known_keys(cfg)
+
+
+def test_override_is_typed_and_applied():
+    cfg = config_lib.load_config(
+        "configs/digits_resnet_lars.py", ["--config.batch_size=512", "optimizer.momentum=0.8"]
+    )
+    assert cfg.batch_size == 512 and isinstance(cfg.batch_size, int)
+    assert cfg.optimizer.momentum == 0.8
+
+
+def test_unknown_override_key_names_it():
+    with pytest.raises(config_lib.ConfigError, match="optimizer.lerning_rate"):
+        config_lib.load_config("configs/digits_resnet_lars.py", ["optimizer.lerning_rate=1"])
+
+
+def test_unknown_key_in_file_names_it(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from jaxbatch.train.config import default_config\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.task = 'lm'; c.dataset.name = 'stdlib_text'; c.model.name = 'decoder_lm'\n"
+        "    c.total_samples = 1024\n"
+        "    c.optimizer.warmup = 3\n"
+        "    return c\n"
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"optimizer\.warmup"):
+        config_lib.load_config(str(path))
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+        config_lib.load_config("configs/nope.py")
+
+
+def test_batch_not_divisible_by_micro_batches():
+    with pytest.raises(config_lib.ConfigError, match=r"batch_size=1024 is not divisible by .*=3"):
+        config_lib.load_config("configs/digits_resnet_lars.py", ["micro_batches=3"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=0", "batch_size=0"),
+        ("task=regression", "task='regression'"),
+        ("optimizer.name=adagrad", "adagrad"),
+        ("ema.decay=1.0", "ema.decay=1.0"),
+        ("optimizer.learning_rate=-0.1", "learning_rate=-0.1"),
+        ("total_samples=10", "total_samples=10"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        config_lib.load_config("configs/digits_resnet_lars.py", [override])
+
+
+def test_rescale_for_batch_follows_the_rules():
+    cfg = config_lib.load_config("configs/digits_resnet_lars.py")  # reference batch 256
+    new, changes = config_lib.rescale_for_batch(cfg)
+    kappa = cfg.batch_size / cfg.reference_batch_size
+    assert new.optimizer.learning_rate == pytest.approx(cfg.optimizer.learning_rate * kappa)
+    assert new.ema.decay == pytest.approx(cfg.ema.decay**kappa)
+    assert {c.key for c in changes} == {"optimizer.learning_rate", "ema.decay"}
+    assert cfg.optimizer.learning_rate == 0.8  # the input is not modified
+
+
+def test_rescale_adam_sde_moves_betas():
+    cfg = config_lib.load_config(
+        "configs/stdlib_lm.py", ["scaling.learning_rate=adam_sde", "batch_size=1024"]
+    )
+    new, _ = config_lib.rescale_for_batch(cfg)
+    kappa = 1024 / 256
+    assert new.optimizer.learning_rate == pytest.approx(cfg.optimizer.learning_rate * kappa**0.5)
+    assert new.optimizer.b2 == pytest.approx(1 - kappa * (1 - cfg.optimizer.b2))
+    assert new.optimizer.eps == pytest.approx(cfg.optimizer.eps / kappa**0.5)

@@ -1,0 +1,109 @@
+"""End-to-end runs of the trainer on the bundled data (small 'runlocal' configs).
+
+The runs use the test session's 8 simulated devices (data parallel, mesh 8×1×1).
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxbatch.train import checkpoint as ckpt
+from jaxbatch.train import config as config_lib
+from jaxbatch.train import loop
+
+
+def _cfg(path, *overrides):
+    return config_lib.load_config(path, list(overrides))
+
+
+@pytest.mark.parametrize(
+    "path, metric",
+    [
+        ("configs/digits_resnet_lars.py:runlocal", "accuracy"),
+        ("configs/codesearch_clip.py:runlocal", "recall@1"),
+        ("configs/stdlib_lm.py:runlocal", "bits_per_byte"),
+    ],
+)
+def test_runlocal_trains_and_writes_its_run_directory(tmp_path, path, metric):
+    cfg = _cfg(path)
+    summary = loop.train(cfg, str(tmp_path), progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[-1]["loss"] < train[0]["loss"], "the loss did not go down"
+    assert metric in summary["eval"]
+    assert summary["step"] == cfg.total_samples // cfg.batch_size
+    for name in ("config.json", "summary.json", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert os.listdir(tmp_path / "tensorboard")
+    assert ckpt.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == summary["step"]
+    if metric == "recall@1":
+        assert set(summary["baseline"]) == {"recall@1", "recall@10"}
+
+
+def _params(summary):
+    return jax.device_get(summary["state"].params)
+
+
+def test_accumulation_equals_full_batch_step(tmp_path):
+    """k micro-batches inside one step give the same parameters as one full-batch step.
+
+    SGD with momentum: Adam-style optimizers divide by the gradient's own scale, which turns
+    the rounding noise of analytically-zero gradients (e.g. the query bias, to which softmax is
+    invariant) into O(learning-rate) differences.
+    """
+    common = ("total_samples=64", "schedule.warmup_samples=32", "log_every_steps=1", "optimizer.name=sgd")
+    one = loop.train(
+        _cfg("configs/stdlib_lm.py:runlocal", *common), str(tmp_path / "k1"), progress=False
+    )
+    four = loop.train(
+        _cfg("configs/stdlib_lm.py:runlocal", *common, "micro_batches=4"),
+        str(tmp_path / "k4"),
+        progress=False,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+        _params(one),
+        _params(four),
+    )
+    records = [json.loads(line) for line in open(tmp_path / "k4" / "metrics.jsonl")]
+    assert all(np.isfinite(r["b_simple"]) for r in records if r["kind"] == "train")
+
+
+def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
+    """A run stopped after a checkpoint and restarted ends where an uninterrupted run ends."""
+    overrides = ("checkpoint_every_steps=2", "total_samples=192")
+    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", *overrides)
+    straight = loop.train(cfg, str(tmp_path / "straight"), progress=False)
+    stopped = loop.train(cfg, str(tmp_path / "resumed"), progress=False, stop_after_step=3)
+    assert stopped["step"] == 3 and "eval" not in stopped
+    resumed = loop.train(cfg, str(tmp_path / "resumed"), progress=False)
+    assert resumed["step"] == straight["step"]
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        _params(straight),
+        _params(resumed),
+    )
+    assert resumed["eval"]["accuracy"] == pytest.approx(straight["eval"]["accuracy"])
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    small = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=256")
+    loop.train(small, str(tmp_path), progress=False)
+    wider = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=256", "model.num_filters=8")
+    with pytest.raises(ckpt.CheckpointError, match="different model.*shapes differ"):
+        loop.train(wider, str(tmp_path), progress=False)
+
+
+def test_corrupt_checkpoint_is_reported(tmp_path):
+    cfg = _cfg("configs/stdlib_lm.py:runlocal", "total_samples=64")
+    loop.train(cfg, str(tmp_path), progress=False)
+    step_dir = tmp_path / "checkpoints" / "2"
+    for root, _, files in os.walk(step_dir / "meta"):
+        for name in files:
+            with open(os.path.join(root, name), "w") as f:
+                f.write("{not json")
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
+        loop.train(cfg, str(tmp_path), progress=False)
