@@ -54,7 +54,9 @@ def reference_loss(
         cols = scale * jnp.dot(x_all, y32.T, precision=hi) + bias  # [N, n]: local columns
     # Local row i is paired with local column i: global column offset + i.
     diag = scale * jnp.sum(x32 * y32, axis=1) + bias  # [n]
-    positive = lambda: jnp.arange(n_global)[None, :] == offset + jnp.arange(n)[:, None]  # [n, N]
+
+    def positive():  # [n, N]: built only for the kinds that mask the positive pairs
+        return jnp.arange(n_global)[None, :] == offset + jnp.arange(n)[:, None]
 
     if kind == "softmax":
         row_ce = jax.nn.logsumexp(rows, axis=1) - diag

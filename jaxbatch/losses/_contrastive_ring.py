@@ -16,8 +16,9 @@ travelling accumulator is added to the *received* value only after the sweep, so
 runs while a sweep computes. y is not sent after the last step.
 
 Residuals: x, y, scale, bias and O(n) statistics (row LSE of local rows, column LSE of local
-columns) for softmax/decoupled; x·dx-sized gradients for sigmoid. Per device the memory is
-O(n_local·D + B²), never O(n_local·N).
+columns) for softmax/decoupled; the float32 gradients of x and y for sigmoid. Per device the memory
+is O(n_local·D + B²), never O(n_local·N): about 7 float32 [n_local, D] buffers at the peak of the
+ring backward (y and the next y, dy received and sent, dx, residuals).
 """
 
 from __future__ import annotations

@@ -142,7 +142,8 @@ def _pallas(x, y, scale, bias, kind, axis_name, block_size):
     # Imported here so that jaxbatch.losses imports without the kernels package.
     from pallas_kernels.contrastive import api
 
-    return api.contrastive_loss(x, y, scale, bias, kind=kind, block_size=block_size)
+    loss = api.contrastive_loss(x, y, scale, bias, kind=kind, block_size=block_size)
+    return loss.astype(x.dtype)
 
 
 _IMPLS = {"reference": _reference, "xla": _xla, "pallas": _pallas}

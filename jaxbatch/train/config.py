@@ -158,6 +158,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"config.schedule.name={cfg.schedule.name!r}; expected one of {SCHEDULES}",
     )
     _require(
+        0 <= cfg.schedule.warmup_samples < cfg.total_samples,
+        f"config.schedule.warmup_samples={cfg.schedule.warmup_samples}; expected "
+        f"0 <= warmup_samples < total_samples={cfg.total_samples}",
+    )
+    _require(
         0.0 <= cfg.ema.decay < 1.0, f"config.ema.decay={cfg.ema.decay}; expected 0 <= decay < 1"
     )
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):

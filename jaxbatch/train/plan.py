@@ -7,8 +7,10 @@ numbers come from two sources:
 - state bytes per device = Σ_leaves prod(shard_shape) · itemsize (``parallel.bytes_per_device``),
   split into parameters, optimizer state (with the accumulators of ``optim.accumulate``), model EMA
   and other state (batch-norm statistics, step, rng, noise EMAs);
-- the compiled program: ``memory_analysis()`` (argument, output, aliased and temporary bytes),
-  ``cost_analysis()['flops']``, and the collectives counted in ``as_text()``.
+- the compiled program: ``memory_analysis()`` (argument, output, aliased and temporary bytes) and
+  the collectives counted in ``as_text()``;
+- FLOPs: ``cost_analysis()['flops']`` of the step lowered with its loops (micro-batches, scanned
+  layers) unrolled, since XLA counts a loop body once.
 
 Peak bytes per device = arguments + outputs − aliased (the donated state is updated in place) +
 temporaries (activations kept for the backward pass, gradients, workspace).
@@ -62,7 +64,8 @@ class Plan:
       output_bytes: compiled outputs (new state + metrics).
       alias_bytes: outputs written in place of donated arguments.
       temp_bytes: temporaries: activations, gradients, workspace.
-      flops: floating-point operations of the step on one device (XLA cost analysis).
+      flops: floating-point operations of one step divided by the number of devices
+        (``step_flops``: XLA cost analysis of the step with its loops unrolled).
       collectives: number of each collective op in the compiled program.
     """
 
@@ -156,9 +159,6 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None
     run, state, batch = build_abstract(cfg, devices=devices)
     compiled = run.train_step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax returns one dict per program
-        cost = cost[0] if cost else {}
     param = parallel.bytes_per_device(state.params)
     opt = parallel.bytes_per_device(state.opt_state)
     ema = 0 if state.ema_state is None else parallel.bytes_per_device(state.ema_state)
@@ -179,9 +179,38 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
-        flops=float(cost.get("flops", float("nan"))),
+        flops=step_flops(cfg, devices=devices) / run.mesh.devices.size,
         collectives=count_collectives(compiled.as_text()),
     )
+
+
+def _unrolled(section: dict) -> dict:
+    out = {}
+    for key, value in section.items():
+        if key == "scan_layers":
+            value = False
+        out[key] = _unrolled(value) if isinstance(value, dict) else value
+    return out
+
+
+def step_flops(
+    cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None = None
+) -> float:
+    """Floating-point operations of one train step over all devices (XLA cost analysis).
+
+    XLA's cost analysis counts the body of a loop once, whatever its trip count, so the step is
+    lowered (not compiled) with its loops unrolled: one micro-batch (the accumulation loop) and
+    ``scan_layers=False`` (the layer loop); flops = flops(one micro-batch step) × micro_batches.
+    """
+    flat = ml_collections.ConfigDict(cfg.to_dict())
+    flat.batch_size = cfg.batch_size // cfg.micro_batches
+    flat.micro_batches = 1
+    flat.model = ml_collections.ConfigDict(_unrolled(cfg.model.to_dict()))
+    run, state, batch = build_abstract(flat, devices=devices)
+    cost = run.train_step.lower(state, batch).cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax returns one dict per program
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", float("nan"))) * cfg.micro_batches
 
 
 def with_per_device_batch(cfg: ml_collections.ConfigDict, per_device: int, batch_shards: int):

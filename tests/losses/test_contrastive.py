@@ -152,6 +152,23 @@ def test_matches_reference(kind, n, block, implementation, dtype):
         _assert_close(got, want, rtol, name, floor=1.0 if got.ndim == 0 else 1e-2)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_dispatch_matches_reference(kind):
+    # pallas_kernels.contrastive runs its TPU kernels in interpret mode on CPU; their tiles must be
+    # multiples of 128 (n = 200 pads the second block). Kernel numerics are tested beside them.
+    x, y, scale, bias = _args(kind, 200)
+    want_loss, want_grads = _value_and_grads(
+        x, y, scale, bias, kind=kind, implementation="reference"
+    )
+    loss, grads = _value_and_grads(
+        x, y, scale, bias, kind=kind, implementation="pallas", block_size=128
+    )
+    assert loss.dtype == x.dtype
+    _assert_close(loss, want_loss, 2e-5, "loss", floor=1.0)
+    for got, want, name in zip(grads, want_grads, NAMES, strict=True):
+        _assert_close(got, want, 2e-5, name, floor=1.0 if got.ndim == 0 else 1e-2)
+
+
 def test_auto_is_xla_on_cpu():
     x, y, scale, bias = _args("sigmoid", 37)
     auto = contrastive_loss(x, y, scale, bias, kind="sigmoid", block_size=16)

@@ -62,6 +62,7 @@ def test_batch_not_divisible_by_micro_batches():
         ("ema.decay=1.0", "ema.decay=1.0"),
         ("optimizer.learning_rate=-0.1", "learning_rate=-0.1"),
         ("total_samples=10", "total_samples=10"),
+        ("schedule.warmup_samples=999999", "warmup_samples=999999"),
     ],
 )
 def test_bad_values_are_named(override, message):

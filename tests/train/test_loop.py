@@ -74,7 +74,7 @@ def test_accumulation_equals_full_batch_step(tmp_path):
 
 def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
     """A run stopped after a checkpoint and restarted ends where an uninterrupted run ends."""
-    overrides = ("checkpoint_every_steps=2", "total_samples=192")
+    overrides = ("checkpoint_every_steps=2",)
     cfg = _cfg("configs/digits_resnet_lars.py:runlocal", *overrides)
     straight = loop.train(cfg, str(tmp_path / "straight"), progress=False)
     stopped = loop.train(cfg, str(tmp_path / "resumed"), progress=False, stop_after_step=3)
@@ -90,9 +90,9 @@ def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-    small = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=256")
+    small = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512")
     loop.train(small, str(tmp_path), progress=False)
-    wider = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=256", "model.num_filters=8")
+    wider = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512", "model.num_filters=8")
     with pytest.raises(ckpt.CheckpointError, match="different model.*shapes differ"):
         loop.train(wider, str(tmp_path), progress=False)
 
