@@ -2,8 +2,8 @@ r"""Code search: a CLIP-style dual encoder matching Python docstrings to functio
 
 The main job of the README. Data: (docstring, function source) pairs extracted with ``ast`` from the
 running interpreter's standard library (docstring removed from the code), 4,374 train / 468 held-out
-pairs on CPython 3.11. Model: a shared (Siamese) byte n-gram tower, the CLIP softmax contrastive loss
-over the whole batch, LAMB, and a model EMA. Run (a few minutes on a 2-core CPU):
+pairs on CPython 3.11. Model: a shared (Siamese) byte n-gram tower, the CLIP softmax contrastive
+loss over the whole batch, LAMB, and a model EMA. Run (a few minutes on a 2-core CPU):
 
   jaxbatch train --config configs/codesearch_clip.py --workdir runs/codesearch_clip
 

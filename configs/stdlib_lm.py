@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
     c.task = "lm"
     c.seed = 0
     c.dataset.name = "stdlib_text"
-    c.dataset.options.seq_len = 128
+    c.dataset.options.seq_len = 64
     c.dataset.options.max_bytes = 4_000_000
 
     c.model.name = "decoder_lm"
@@ -26,13 +26,13 @@ def get_config(arg: str | None = None):
     c.model.depth = 2
     c.model.heads = 4
     c.model.mlp_dim = 512
-    c.model.max_len = 128
+    c.model.max_len = 64
     c.model.scan_layers = True
     c.model.remat_policy = "none"
 
     c.batch_size = 256
     c.reference_batch_size = 256
-    c.total_samples = 256 * 300
+    c.total_samples = 256 * 200
 
     c.optimizer.name = "lamb"
     c.optimizer.learning_rate = 1e-2
@@ -41,13 +41,13 @@ def get_config(arg: str | None = None):
     c.optimizer.eps = 1e-6
     c.scaling.learning_rate = "sqrt"
     c.schedule.name = "warmup_cosine"
-    c.schedule.warmup_samples = 256 * 30
+    c.schedule.warmup_samples = 256 * 20
     c.schedule.end_lr_fraction = 0.05
 
     c.eval_batch_size = 512
     c.log_every_steps = 10
-    c.eval_every_steps = 100
-    c.checkpoint_every_steps = 100
+    c.eval_every_steps = 50
+    c.checkpoint_every_steps = 50
 
     if arg == "adamw":
         c.optimizer.name = "adamw"

@@ -3,8 +3,9 @@
 One run measures, for kind in (softmax, sigmoid) and D = 256:
 
 - forward+backward time (jit of value_and_grad wrt x, y, logit_scale, logit_bias) and compiled
-  temp memory of 'reference' vs 'xla' at N = 2,048 … 16,384; the two are timed alternately and the
-  fastest of the repetitions is kept, so both see the same machine load;
+  temp memory of 'reference' vs 'xla' at N = 2,048 … 16,384; the two run back to back in each
+  repetition, the table shows the fastest time of each and the median of the per-repetition
+  ratios xla / reference (robust to the load of a shared machine changing between repetitions);
 - 'xla' alone at N = 65,536, with the reference's temp memory from compiling it (not running it);
 - per-device compiled memory of the ring (8 simulated devices) at global N = 1M and 4M (compile
   only, from ShapeDtypeStructs);
@@ -30,7 +31,6 @@ os.environ["XLA_FLAGS"] = (
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
@@ -79,16 +79,18 @@ def _args(kind, n):
 
 
 def _time_alternating(fns, args, reps, warmup=True):
-    """Fastest wall time of each compiled fn, running them in turn so both see the same load."""
-    best = [math.inf] * len(fns)
+    """Wall times [reps, len(fns)] of compiled fns run in turn (order reversed every other
+    repetition), so that neighbouring measurements see the same machine load."""
     for fn in fns if warmup else ():
         jax.block_until_ready(fn(*args))
-    for _ in range(reps):
-        for k, fn in enumerate(fns):
+    times = np.zeros((reps, len(fns)))
+    for r in range(reps):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for k in order:
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
+            jax.block_until_ready(fns[k](*args))
+            times[r, k] = time.perf_counter() - start
+    return times
 
 
 def _temp(compiled) -> int:
@@ -101,9 +103,12 @@ def bench_pairs(kind, sizes, reps, block_size):
         args = _args(kind, n)
         ref = _compiled(kind, "reference", None, args)
         xla = _compiled(kind, "xla", block_size, args)
-        t_ref, t_xla = _time_alternating([ref, xla], args, reps)
+        times = _time_alternating([ref, xla], args, reps)
+        # The ratio is the median over repetitions of xla / reference measured back to back: on a
+        # shared machine the load changes between repetitions but little within a pair.
         rows.append(
-            dict(kind=kind, n=n, ref_s=t_ref, xla_s=t_xla, ratio=t_xla / t_ref,
+            dict(kind=kind, n=n, ref_s=float(times[:, 0].min()), xla_s=float(times[:, 1].min()),
+                 ratio=float(np.median(times[:, 1] / times[:, 0])),
                  ref_temp_mib=_temp(ref) / MIB, xla_temp_mib=_temp(xla) / MIB)
         )  # fmt: skip
         _print_row(rows[-1])
@@ -113,7 +118,8 @@ def bench_pairs(kind, sizes, reps, block_size):
 def bench_xla_only(kind, n, reps, block_size):
     args = _args(kind, n)
     xla = _compiled(kind, "xla", block_size, args)
-    (t_xla,) = _time_alternating([xla], args, reps, warmup=False)  # compiled ahead: no warm-up
+    # Compiled ahead of time, so no warm-up run: one call is ~100 s at N = 65,536 on 2 cores.
+    t_xla = float(_time_alternating([xla], args, reps, warmup=False).min())
     abstract = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)
     try:
         ref_temp = _temp(_compiled(kind, "reference", None, abstract)) / MIB
@@ -185,9 +191,10 @@ def main():
     sizes = (512, 1024) if args.quick else BENCH_SIZES
     big = 4096 if args.quick else BENCH_XLA_ONLY
     ring_sizes = (1 << 14,) if args.quick else BENCH_RING_GLOBAL
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
     goal_sizes = sizes[-2:]
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, D={BENCH_DIM}, reps={reps}")
+    print("times: fastest repetition; ratio: median over repetitions of xla / reference")
 
     results = dict(config=dict(quick=args.quick, reps=reps, block_size=args.block_size,
                                dim=BENCH_DIM, backend=jax.default_backend()))  # fmt: skip
@@ -219,12 +226,15 @@ def main():
         sweep = {}
         for kind in KINDS:
             fns = [_compiled(kind, "xla", b, _args(kind, n)) for b in (256, 512, 1024, 2048)]
-            times = _time_alternating(fns, _args(kind, n), reps)
-            sweep[kind] = dict(zip(("256", "512", "1024", "2048"), times, strict=True))
+            times = _time_alternating(fns, _args(kind, n), reps).min(axis=0)
+            sweep[kind] = dict(zip(("256", "512", "1024", "2048"), times.tolist(), strict=True))
             print(f"  {kind:8s} " + "  ".join(f"B={b}: {t:.3f}s" for b, t in sweep[kind].items()))
         results["block_sweep"] = sweep
 
-    print("\ngoals")
+    print(
+        "\ngoals"
+        + (" (--quick: small sizes, a smoke run, not the goals' sizes)" if args.quick else "")
+    )
     for name, ok, detail in goals:
         print(f"  {'PASS' if ok else 'FAIL'}  {name} ({detail})")
     results["goals"] = [dict(goal=g, passed=bool(ok), detail=d) for g, ok, d in goals]

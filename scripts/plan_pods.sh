@@ -2,7 +2,7 @@
 # Plans the pod configs ahead of time on simulated CPU devices (compile only, nothing allocated)
 # and prints the per-device memory / FLOPs / collectives table of docs/scale_out.md.
 #
-#   scripts/plan_pods.sh [OUT_DIR]      (default bench_results/plans; ~15 min on a 2-core CPU)
+#   scripts/plan_pods.sh [OUT_DIR]      (default bench_results/plans; ~30 min on a 2-core CPU)
 #
 # Each line runs `jaxbatch plan`, which sets XLA_FLAGS=--xla_force_host_platform_device_count=N
 # itself; the JSON of every plan lands in OUT_DIR and the summary table is printed at the end.
@@ -25,6 +25,8 @@ plan bert_phase1_64k_dp    configs/bert_lamb.py:phase1       --devices 256
 plan bert_phase1_64k_fsdp  configs/bert_lamb.py:phase1       --devices 256 --mesh data=16,fsdp=16
 plan bert_phase1_64k_mb4   configs/bert_lamb.py:phase1       --devices 256 --config.micro_batches=4
 plan bert_phase2_32k_dp    configs/bert_lamb.py:phase2       --devices 256
+plan bert_phase2_32k_mb8_remat configs/bert_lamb.py:phase2   --devices 256 \
+  --config.micro_batches=8 --config.model.remat_policy=full
 plan siglip_32k_dp         configs/siglip_pod.py             --devices 256
 
 "$PY" - "$OUT" <<'PYEOF'

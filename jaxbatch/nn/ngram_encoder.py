@@ -3,16 +3,18 @@
 A fast, byte-level text tower (no tokenizer, no vocabulary file): every window of n bytes
 (n in ``orders``) of the token ids is hashed into one of ``buckets`` rows of an embedding table,
 exactly as fastText builds words from character n-grams, and the text is the weighted mean of its
-n-gram embeddings, each weighted by its sublinear count (as in TF-IDF) times a learned positive scalar
-(a learned, IDF-like salience):
+n-gram embeddings, each weighted by its sublinear count (as in TF-IDF) times a learned positive
+scalar (a learned, IDF-like salience):
 
   id_t^n = hash(n, b_t, ..., b_{t+n-1}) mod buckets    (windows that touch padding are dropped)
   c_b[j] = #{(t, n): id_t^n = j}             (n-gram counts of text b, per bucket)
-  w_b[j] = log(1 + c_b[j]) · softplus(s[j]),  h_b = Σ_j w_b[j] E[j] / Σ_j w_b[j],  out = LN(h) (+ MLP)
+  w_b[j] = log(1 + c_b[j]) · softplus(s[j]),  h_b = Σ_j w_b[j] E[j] / Σ_j w_b[j],  out = LN(h) (+
+  MLP)
 
 Letters can be folded to lower case first (``lowercase``), so 'ReadFile' and 'read_file' share their
-'read'/'file' n-grams. On a CPU this trains hundreds of times faster than a transformer over the same
-bytes, which is what the bundled code-search job needs; the transformer tower is ``TextEncoder``.
+'read'/'file' n-grams. On a CPU this trains hundreds of times faster than a transformer over the
+same bytes, which is what the bundled code-search job needs; the transformer tower is
+``TextEncoder``.
 
 References:
   Bojanowski, Grave, Joulin, Mikolov 2017, "Enriching Word Vectors with Subword Information"

@@ -46,8 +46,7 @@ def _describe_difference(saved: dict, current: dict) -> str:
         parts.append(f"parameters only in the checkpoint: {extra}")
     if changed:
         parts.append(
-            "shapes differ: "
-            + ", ".join(f"{k} {saved_shapes[k]} vs {shapes[k]}" for k in changed)
+            "shapes differ: " + ", ".join(f"{k} {saved_shapes[k]} vs {shapes[k]}" for k in changed)
         )
     if saved.get("model") != current["model"]:
         parts.append(f"model config {saved.get('model')} vs {current['model']}")
@@ -80,7 +79,7 @@ class Checkpointer:
         )
 
     def check_compatible(self, step: int, meta: dict) -> None:
-        """Raises CheckpointError unless checkpoint ``step`` holds the model described by ``meta``."""
+        """Raises CheckpointError unless checkpoint ``step`` holds the model of ``meta``."""
         try:
             saved = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())

@@ -1,10 +1,11 @@
 """Trainer configuration: the schema, loading from a file with overrides, and validation.
 
-A config file is a Python file with ``get_config(arg=None)`` returning an ``ml_collections.ConfigDict``
-built on :func:`default_config` (big_vision style). Every key a config may set is declared here with its
-default; a key that is not declared is a typo and fails loudly, naming the key and the keys that exist.
-Free-form sections (``model``, ``dataset.options``) are passed as keyword arguments to a constructor and
-are checked against its signature when the run is built.
+A config file is a Python file with ``get_config(arg=None)`` returning an
+``ml_collections.ConfigDict`` built on :func:`default_config` (big_vision style). Every key a
+config may set is declared here with its default; a key that is not declared is a typo and fails
+loudly, naming the key and the keys that exist. Free-form sections (``model``, ``dataset.options``)
+are passed as keyword arguments to a constructor and are checked against its signature when the run
+is built.
 """
 
 from __future__ import annotations
@@ -213,10 +214,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 def rescale_for_batch(cfg: ml_collections.ConfigDict):
     """Moves the hyper-parameters from ``reference_batch_size`` to ``batch_size``.
 
-    ``config.scaling`` names the rule of each hyper-parameter (``jaxbatch.scaling.rescale_hparams``):
-    ``learning_rate`` ('linear', 'sqrt', 'none', or 'adam_sde', which also moves b1, b2 and eps),
-    ``ema_decay`` ('ema' = ρ^κ, or 'none') and ``weight_decay`` ('none', 'linear', 'timescale', ...).
-    Warm-up and decay are stated in samples, so they need no rule.
+    ``config.scaling`` names the rule of each hyper-parameter
+    (``jaxbatch.scaling.rescale_hparams``): ``learning_rate`` ('linear', 'sqrt', 'none', or
+    'adam_sde', which also moves b1, b2 and eps), ``ema_decay`` ('ema' = ρ^κ, or 'none') and
+    ``weight_decay`` ('none', 'linear', 'timescale', ...). Warm-up and decay are stated in samples,
+    so they need no rule.
 
     Returns:
       ``(new_config, changes)``: a rescaled copy and the list of ``scaling.Change`` records.
@@ -229,7 +231,9 @@ def rescale_for_batch(cfg: ml_collections.ConfigDict):
         "ema.decay": cfg.scaling.ema_decay,
     }
     if cfg.scaling.learning_rate == "adam_sde":
-        rules.update({"optimizer.b1": "adam_sde", "optimizer.b2": "adam_sde", "optimizer.eps": "adam_sde"})
+        rules.update(
+            {"optimizer.b1": "adam_sde", "optimizer.b2": "adam_sde", "optimizer.eps": "adam_sde"}
+        )
     hparams = {"optimizer": cfg.optimizer.to_dict(), "ema": cfg.ema.to_dict()}
     try:
         new, changes = scaling.rescale_hparams(
@@ -240,7 +244,9 @@ def rescale_for_batch(cfg: ml_collections.ConfigDict):
             learning_rate_key="optimizer.learning_rate",
         )
     except ValueError as e:
-        raise ConfigError(f"cannot rescale config.optimizer/ema to batch {cfg.batch_size}: {e}") from e
+        raise ConfigError(
+            f"cannot rescale config.optimizer/ema to batch {cfg.batch_size}: {e}"
+        ) from e
     out = ml_collections.ConfigDict(cfg.to_dict())
     out.optimizer.update(new["optimizer"])
     out.ema.update(new["ema"])

@@ -22,7 +22,7 @@ def _plain(value):
 
 
 class MetricsWriter:
-    """Appends one JSON object per record to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON record per call to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
@@ -77,7 +77,10 @@ def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> str:
             for key in eval_keys:
                 if key in rows[0] and isinstance(rows[0][key], int | float):
                     axes[1].plot(
-                        [r["samples"] for r in rows], [r[key] for r in rows], "o-", label=f"{kind} {key}"
+                        [r["samples"] for r in rows],
+                        [r[key] for r in rows],
+                        "o-",
+                        label=f"{kind} {key}",
                     )
         axes[1].set(xlabel="samples", ylabel="eval")
         axes[1].legend(fontsize=7)

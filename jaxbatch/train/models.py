@@ -1,9 +1,9 @@
 """Builds a ``jaxbatch.nn`` model from the free-form ``config.model`` section.
 
 ``config.model.name`` picks a constructor; every other key is one of its keyword arguments. A
-dual encoder names its towers in the sub-sections ``x_encoder`` and ``y_encoder``, built the same way.
-Keyword arguments are checked against the constructor's signature so that a typo fails before any
-work, naming the key and the accepted ones.
+dual encoder names its towers in the sub-sections ``x_encoder`` and ``y_encoder``, built the same
+way. Keyword arguments are checked against the constructor's signature so that a typo fails before
+any work, naming the key and the accepted ones.
 """
 
 from __future__ import annotations

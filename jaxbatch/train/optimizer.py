@@ -1,8 +1,8 @@
 """The optimizer of a run, built from the (already batch-rescaled) config.
 
 config.optimizer + config.schedule → ``optim.accumulate(chain(clip?, optimizer), micro_batches)``.
-The learning-rate schedule is stated in samples (jaxbatch.scaling), so a config that changes the batch
-keeps warm-up and decay at the same point of training in epochs.
+The learning-rate schedule is stated in samples (jaxbatch.scaling), so a config that changes the
+batch keeps warm-up and decay at the same point of training in epochs.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
     if sched.name == "constant":
         return optax.constant_schedule(peak)
     if sched.name == "warmup_cosine":
-        return scaling.warmup_cosine_in_samples(
-            peak, end_lr=peak * sched.end_lr_fraction, **common
-        )
+        return scaling.warmup_cosine_in_samples(peak, end_lr=peak * sched.end_lr_fraction, **common)
     if sched.name == "warmup_linear":
-        return scaling.warmup_linear_in_samples(
-            peak, end_lr=peak * sched.end_lr_fraction, **common
-        )
+        return scaling.warmup_linear_in_samples(peak, end_lr=peak * sched.end_lr_fraction, **common)
     if sched.name == "warmup_rsqrt":
         return scaling.warmup_rsqrt_in_samples(peak, **common)
     raise ValueError(f"schedule.name={sched.name!r}; unknown schedule")

@@ -1,8 +1,8 @@
 """The train state and the one jitted, donated train step.
 
-step: accumulate (lax.scan over micro-batches of the loss gradient) → optimizer → apply → model EMA →
-gradient-noise statistics. The step is a pure function of (state, batch); the loop jits it with the
-state's shardings and donates the state.
+step: accumulate (lax.scan over micro-batches of the loss gradient) → optimizer → apply → model EMA
+→ gradient-noise statistics. The step is a pure function of (state, batch); the loop jits it with
+the state's shardings and donates the state.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def grad_fn_for(task: Task, model_state: Any, rng: jax.Array):
     """``grad_fn(params, micro_batch) -> (grads, aux)`` as ``optim.accumulate`` wants it."""
 
     def grad_fn(params, micro_batch):
-        (loss, (metrics, new_model_state)), grads = jax.value_and_grad(
-            task.loss_fn, has_aux=True
-        )(params, model_state, micro_batch, rng)
+        (loss, (metrics, new_model_state)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+            params, model_state, micro_batch, rng
+        )
         return grads, {"loss": loss, "metrics": metrics, "model_state": new_model_state}
 
     return grad_fn

@@ -8,8 +8,9 @@ A :class:`Task` couples a model with its data fields:
 - 'lm':             ``{'tokens'}`` [B, L+1], next-token cross-entropy, bits per byte.
 
 ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))`` is what the train
-step differentiates; ``eval_fn(variables, batch) -> per-example outputs`` is jitted over fixed-shape eval
-batches, and ``summarize(outputs) -> metrics`` reduces the outputs of the real (unmasked) examples.
+step differentiates; ``eval_fn(variables, batch) -> per-example outputs`` is jitted over
+fixed-shape eval batches, and ``summarize(outputs) -> metrics`` reduces the outputs of the real
+(unmasked) examples.
 """
 
 from __future__ import annotations

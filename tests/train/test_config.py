@@ -66,7 +66,9 @@ def test_batch_not_divisible_by_micro_batches():
     ],
 )
 def test_bad_values_are_named(override, message):
-    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(
+        config_lib.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")
+    ):
         config_lib.load_config("configs/digits_resnet_lars.py", [override])
 
 

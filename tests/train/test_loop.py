@@ -54,7 +54,12 @@ def test_accumulation_equals_full_batch_step(tmp_path):
     the rounding noise of analytically-zero gradients (e.g. the query bias, to which softmax is
     invariant) into O(learning-rate) differences.
     """
-    common = ("total_samples=64", "schedule.warmup_samples=32", "log_every_steps=1", "optimizer.name=sgd")
+    common = (
+        "total_samples=64",
+        "schedule.warmup_samples=32",
+        "log_every_steps=1",
+        "optimizer.name=sgd",
+    )
     one = loop.train(
         _cfg("configs/stdlib_lm.py:runlocal", *common), str(tmp_path / "k1"), progress=False
     )
@@ -92,7 +97,9 @@ def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     small = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512")
     loop.train(small, str(tmp_path), progress=False)
-    wider = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512", "model.num_filters=8")
+    wider = _cfg(
+        "configs/digits_resnet_lars.py:runlocal", "total_samples=512", "model.num_filters=8"
+    )
     with pytest.raises(ckpt.CheckpointError, match="different model.*shapes differ"):
         loop.train(wider, str(tmp_path), progress=False)
 
