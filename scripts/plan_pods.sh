@@ -2,7 +2,7 @@
 # Plans the pod configs ahead of time on simulated CPU devices (compile only, nothing allocated)
 # and prints the per-device memory / FLOPs / collectives table of docs/scale_out.md.
 #
-#   scripts/plan_pods.sh [OUT_DIR]      (default bench_results/plans; ~30 min on a 2-core CPU)
+#   scripts/plan_pods.sh [OUT_DIR]      (default bench_results/plans; ~20 min on a 2-core CPU)
 #
 # Each line runs `jaxbatch plan`, which sets XLA_FLAGS=--xla_force_host_platform_device_count=N
 # itself; the JSON of every plan lands in OUT_DIR and the summary table is printed at the end.

@@ -26,9 +26,10 @@ KINDS = ("softmax", "sigmoid", "decoupled")
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 # Tile size B of the 'xla' implementation when block_size is None. CPU: measured on a 2-core AMD
-# EPYC (scripts/bench_contrastive.py --sweep-blocks), fastest of 256..2048 at N = 8192, D = 256 for
-# both kinds. TPU/GPU (not measured here): larger tiles keep the matrix units busy and amortise the
-# per-tile loop overhead; a 2048² float32 tile is 16 MiB.
+# EPYC (scripts/bench_contrastive.py --sweep-blocks, N = 8192, D = 256): 512 and 1024 within a few
+# percent of each other, 256 and 2048 about 40% and 100% slower; 512 needs the least memory.
+# TPU/GPU (not measured here): larger tiles keep the matrix units busy and amortise the per-tile
+# loop overhead; a 2048² float32 tile is 16 MiB.
 DEFAULT_BLOCK_SIZE = {"cpu": 512, "gpu": 2048, "tpu": 2048}
 _ALIGN = 8  # tiles are rounded to a multiple of 8 rows when the batch is smaller than one block
 

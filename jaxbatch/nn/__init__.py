@@ -1,7 +1,8 @@
 """Flax linen models for large-batch training (functional ``init`` / ``apply``).
 
 Models: :class:`GhostBatchNorm`, :class:`ResNet` (``resnet18``, ``resnet50``, ``resnet_cifar``),
-:class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`DualEncoder`, :class:`DecoderLM`;
+:class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`DualEncoder`, :class:`DecoderLM`,
+:class:`BertMLM`;
 remat policies by name
 in :mod:`jaxbatch.nn.remat`. Every model takes ``dtype`` (compute) and ``param_dtype``.
 
@@ -35,6 +36,7 @@ features. Batch-norm running statistics ('batch_stats') are plain arrays, exactl
 
 from jaxbatch.nn import remat
 from jaxbatch.nn.axes import LOGICAL_AXES
+from jaxbatch.nn.bert import BertBlock, BertMLM
 from jaxbatch.nn.decoder_lm import DecoderBlock, DecoderLM
 from jaxbatch.nn.dual_encoder import (
     CLIP_LOGIT_SCALE_INIT,
@@ -52,6 +54,8 @@ from jaxbatch.nn.text_encoder import BYTE_VOCAB_SIZE, CLS_ID, PAD_ID, TextEncode
 from jaxbatch.nn.vit import ViT
 
 __all__ = [
+    "BertBlock",
+    "BertMLM",
     "BYTE_VOCAB_SIZE",
     "CLIP_LOGIT_SCALE_INIT",
     "CLS_ID",

@@ -136,7 +136,7 @@ def build(
             f"micro-batch {micro} (batch_size {cfg.batch_size} / micro_batches "
             f"{cfg.micro_batches}) is not divisible by data×fsdp = {parallel.batch_axis_size(mesh)}"
         )
-    task = tasks_lib.make_task(cfg)
+    task = tasks_lib.make_task(cfg, mesh)
     if train_arrays is None:
         train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
     init_batch = _init_batch(train_arrays, task.fields)
@@ -248,6 +248,11 @@ def train(
             f"scaling: {change.key} {change.old:g} -> {change.new:g} ({change.rule}, "
             f"batch {cfg.reference_batch_size} -> {cfg.batch_size})"
         )
+    _log(
+        f"schedule in samples: warm-up {cfg.schedule.warmup_samples} and total "
+        f"{cfg.total_samples} samples = {cfg.schedule.warmup_samples // cfg.batch_size} and "
+        f"{run.total_steps} steps at batch {cfg.batch_size}"
+    )
     test_arrays = jdata.load_arrays(cfg.dataset.name, "test", **cfg.dataset.options)
     is_main = jax.process_index() == 0
     if is_main:

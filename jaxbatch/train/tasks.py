@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from jaxbatch import data as jdata
-from jaxbatch import losses
+from jaxbatch import losses, parallel
 from jaxbatch.train.models import build_model
 from jaxbatch.train.tasks_mlm import mlm_task
 
@@ -50,7 +51,8 @@ class Task:
     baseline: Callable[[], dict[str, float]] | None = None
 
 
-def _classification(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+def _classification(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
+    del mesh
     smoothing = cfg.loss.label_smoothing
 
     def init_fn(rng, batch):
@@ -102,8 +104,41 @@ def retrieval_recall(zx: np.ndarray, zy: np.ndarray, ks=(1, 10)) -> dict[str, fl
     return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
 
 
-def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+def contrastive_loss_fn(loss_cfg, mesh=None):
+    """``(zx, zy, scale, bias) -> loss`` over the global batch.
+
+    When the batch is sharded over the mesh's batch axes (data × fsdp > 1), the loss runs inside
+    ``jax.shard_map`` with ``axis_name`` set to those axes: each device keeps its rows of zx and
+    the zy blocks travel around the device ring (``jaxbatch.losses``), so no device ever holds
+    more than its own N_local rows of the similarity matrix.
+    """
+    options = dict(
+        kind=loss_cfg.kind,
+        block_size=loss_cfg.block_size or None,
+        implementation=loss_cfg.implementation,
+    )
+    if mesh is None or parallel.batch_axis_size(mesh) == 1:
+        return lambda zx, zy, scale, bias: losses.contrastive_loss(zx, zy, scale, bias, **options)
+    rows = P(parallel.BATCH_AXES)
+    if options["implementation"] in ("auto", "pallas"):
+        options["implementation"] = "xla"  # the ring runs the XLA tiles (kernels are per device)
+
+    def ring(zx, zy, scale, bias):
+        def local(zx, zy, scale, *bias):
+            return losses.contrastive_loss(
+                zx, zy, scale, *bias, axis_name=parallel.BATCH_AXES, **options
+            )
+
+        args = (zx, zy, scale) if bias is None else (zx, zy, scale, bias)
+        specs = (rows, rows, P()) if bias is None else (rows, rows, P(), P())
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+
+    return ring
+
+
+def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     loss_cfg = cfg.loss
+    loss_of = contrastive_loss_fn(loss_cfg, mesh)
 
     def init_fn(rng, batch):
         return model.init(rng, batch["doc"], batch["code"], train=False)
@@ -116,15 +151,7 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
             train=True,
             rngs={"dropout": rng},
         )
-        loss = losses.contrastive_loss(
-            zx,
-            zy,
-            scale,
-            bias,
-            kind=loss_cfg.kind,
-            block_size=loss_cfg.block_size or None,
-            implementation=loss_cfg.implementation,
-        )
+        loss = loss_of(zx, zy, scale, bias)
         return loss, ({"logit_scale": scale}, model_state)
 
     def eval_fn(variables, batch):
@@ -157,7 +184,9 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
     )
 
 
-def _lm(cfg: ml_collections.ConfigDict, model: nn.Module) -> Task:
+def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
+    del mesh
+
     def init_fn(rng, batch):
         return model.init(rng, batch["tokens"][:, :-1])
 
@@ -188,10 +217,10 @@ _TASKS = {
 }
 
 
-def make_task(cfg: ml_collections.ConfigDict) -> Task:
-    """The task of a validated config (its model built from ``config.model``)."""
+def make_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
+    """The task of a validated config (its model built from ``config.model``) on ``mesh``."""
     model = build_model(cfg.model.to_dict())
-    return _TASKS[cfg.task](cfg, model)
+    return _TASKS[cfg.task](cfg, model, mesh)
 
 
 def split_variables(variables) -> tuple[Any, dict]:

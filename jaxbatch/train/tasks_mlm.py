@@ -35,8 +35,9 @@ def masked_lm_loss(logits: jax.Array, ids: jax.Array, weights: jax.Array) -> jax
     return jnp.sum(ce * weights) / (jnp.sum(weights) + _EPS)
 
 
-def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module):
+def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None):
     """The 'mlm' :class:`~jaxbatch.train.tasks.Task` of ``model`` (a ``jaxbatch.nn.BertMLM``)."""
+    del mesh
     from jaxbatch.train.tasks import Task  # tasks.py registers this module: import lazily
 
     del cfg
