@@ -1,9 +1,9 @@
 """Test-wide set-up: 8 simulated CPU devices for every test.
 
-XLA reads ``--xla_force_host_platform_device_count`` once, when the CPU backend starts, so it must be
-set before anything imports jax. conftest.py is imported by pytest before any test module, which makes
-this the one place to do it. Single-device tests are unaffected (jit places on device 0); multi-device
-tests build meshes over ``jax.devices()``.
+XLA reads ``--xla_force_host_platform_device_count`` once, when the CPU backend starts, so it
+must be set before anything imports jax. conftest.py is imported by pytest before any test module,
+which makes this the one place to do it. Single-device tests are unaffected (jit places on device
+0); multi-device tests build meshes over ``jax.devices()``.
 """
 
 import os

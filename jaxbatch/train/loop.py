@@ -166,8 +166,19 @@ def build(
     eval_step = jax.jit(traced_under_mesh(task.eval_fn, mesh), out_shardings=batch_sharding)
     fp = ckpt.fingerprint(cfg.task, cfg.model.to_dict(), abstract_state.params)
     return Run(
-        cfg, changes, task, mesh, tx, ema, shardings, batch_sharding, abstract_state,
-        train_step, eval_step, init_batch, fp,
+        cfg,
+        changes,
+        task,
+        mesh,
+        tx,
+        ema,
+        shardings,
+        batch_sharding,
+        abstract_state,
+        train_step,
+        eval_step,
+        init_batch,
+        fp,
     )
 
 
@@ -209,7 +220,9 @@ def evaluate(run: Run, state, test_arrays: dict, *, use_ema: bool = False) -> di
         mask = batch.pop("mask")
         out = run.eval_step(variables, parallel.make_global_batch(batch, run.mesh))
         out = multihost_utils.process_allgather(out, tiled=True)
-        mask = multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
+        mask = (
+            multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
+        )
         for key, value in out.items():
             outputs.setdefault(key, []).append(np.asarray(value)[np.asarray(mask)])
     return run.task.summarize({k: np.concatenate(v) for k, v in outputs.items()})
@@ -260,7 +273,9 @@ def train(
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2, default=str)
 
-    checkpointer = ckpt.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_checkpoints)
+    checkpointer = ckpt.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_checkpoints
+    )
     state, data_state = init_or_restore(run, checkpointer)
     local_batch = cfg.batch_size // jax.process_count()
     iterator = jdata.make_train_iterator(
@@ -278,8 +293,12 @@ def train(
     total = run.total_steps
     end = total if stop_after_step is None else min(total, stop_after_step)
     bar = tqdm(
-        total=total, initial=start, disable=not (progress and is_main), unit="step",
-        dynamic_ncols=True, desc=f"{cfg.task}/{cfg.dataset.name} B={cfg.batch_size}",
+        total=total,
+        initial=start,
+        disable=not (progress and is_main),
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"{cfg.task}/{cfg.dataset.name} B={cfg.batch_size}",
     )
     log_every = max(1, cfg.log_every_steps)
     last = {"time": time.perf_counter(), "step": start}
@@ -291,7 +310,9 @@ def train(
         if done % log_every == 0 or done == end:
             values = _fetch(metrics)
             now = time.perf_counter()
-            values["examples_per_sec"] = (done - last["step"]) * cfg.batch_size / (now - last["time"])
+            values["examples_per_sec"] = (
+                (done - last["step"]) * cfg.batch_size / (now - last["time"])
+            )
             values["samples"] = done * cfg.batch_size
             values["learning_rate"] = float(optimizer_lib.make_schedule(cfg)(step))
             last.update(time=now, step=done)
@@ -318,7 +339,8 @@ def train(
             with open(os.path.join(workdir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
             metrics_lib.plot_curves(
-                writer.path, os.path.join(workdir, "curves.png"),
+                writer.path,
+                os.path.join(workdir, "curves.png"),
                 title=f"{cfg.task} {cfg.dataset.name} {cfg.model.name} batch {cfg.batch_size}",
             )
     writer.close()
@@ -331,5 +353,7 @@ def _eval_and_log(run: Run, state, test_arrays, writer, step: int) -> dict[str, 
     writer.write(step, {**out["eval"], "samples": step * run.cfg.batch_size}, prefix="eval")
     if run.ema is not None:
         out["eval_ema"] = evaluate(run, state, test_arrays, use_ema=True)
-        writer.write(step, {**out["eval_ema"], "samples": step * run.cfg.batch_size}, prefix="eval_ema")
+        writer.write(
+            step, {**out["eval_ema"], "samples": step * run.cfg.batch_size}, prefix="eval_ema"
+        )
     return out
