@@ -20,7 +20,7 @@ OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "warmup_rsqrt")
 
 # Sections whose keys are keyword arguments of a constructor, validated there, not here.
-_FREE_FORM = ("model", "dataset.options")
+_FREE_FORM = ("model", "dataset.options", "sharding_rules")
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Overrides of jaxbatch.parallel.DEFAULT_RULES: logical axis -> mesh axis name, tuple of
+    # names, or None (replicated), e.g. c.sharding_rules.conv_out = "tensor".
+    c.sharding_rules = ml_collections.ConfigDict()
     return c
 
 

@@ -49,6 +49,7 @@ class Run:
     eval_step: Any  # jitted (variables, batch) -> per-example outputs
     init_batch: dict
     fingerprint: dict
+    rules: tuple = parallel.DEFAULT_RULES  # logical axis -> mesh axes
 
     @property
     def total_steps(self) -> int:
@@ -67,9 +68,11 @@ def _init_batch(arrays: dict, fields: tuple[str, ...]) -> dict:
     return {f: np.asarray(arrays[f][:2]) for f in fields}
 
 
-def state_shardings(ema, mesh, abstract_vars, abstract_state) -> step_lib.TrainState:
-    """Shardings of every leaf of the train state, from the models' logical axes."""
-    var_shardings = parallel.param_shardings(abstract_vars, mesh)
+def state_shardings(
+    ema, mesh, abstract_vars, abstract_state, rules=parallel.DEFAULT_RULES
+) -> step_lib.TrainState:
+    """Shardings of every leaf of the train state, from the models' logical axes and ``rules``."""
+    var_shardings = parallel.param_shardings(abstract_vars, mesh, rules)
     var_shardings = dict(var_shardings)
     param_sh = var_shardings.pop("params")
     replicated = parallel.replicated(mesh)
@@ -93,7 +96,7 @@ def state_shardings(ema, mesh, abstract_vars, abstract_state) -> step_lib.TrainS
     )
 
 
-def traced_under_mesh(fn, mesh):
+def traced_under_mesh(fn, mesh, rules=parallel.DEFAULT_RULES):
     """``fn`` traced with ``mesh`` and the logical-axis rules active.
 
     Inside, the models' ``nn.with_logical_constraint`` calls become sharding constraints on the
@@ -105,7 +108,7 @@ def traced_under_mesh(fn, mesh):
     @functools.wraps(fn)
     def traced(*args):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            with nn.logical_axis_rules(parallel.DEFAULT_RULES):
+            with nn.logical_axis_rules(rules):
                 return fn(*args)
 
     return traced
@@ -136,6 +139,7 @@ def build(
             f"micro-batch {micro} (batch_size {cfg.batch_size} / micro_batches "
             f"{cfg.micro_batches}) is not divisible by data×fsdp = {parallel.batch_axis_size(mesh)}"
         )
+    rules = parallel.make_rules(cfg.sharding_rules.to_dict())
     task = tasks_lib.make_task(cfg, mesh)
     if train_arrays is None:
         train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
@@ -153,17 +157,17 @@ def build(
     ema = optimizer_lib.make_ema(cfg)
     init = functools.partial(step_lib.init_state, task, tx, ema)
     abstract_state = jax.eval_shape(init, rng, init_batch)
-    shardings = state_shardings(ema, mesh, abstract_vars, abstract_state)
+    shardings = state_shardings(ema, mesh, abstract_vars, abstract_state, rules)
     batch_sharding = parallel.batch_sharding(mesh)
     train_step = jax.jit(
         traced_under_mesh(
-            step_lib.make_train_step(task, tx, ema, micro_batches=cfg.micro_batches), mesh
+            step_lib.make_train_step(task, tx, ema, micro_batches=cfg.micro_batches), mesh, rules
         ),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    eval_step = jax.jit(traced_under_mesh(task.eval_fn, mesh), out_shardings=batch_sharding)
+    eval_step = jax.jit(traced_under_mesh(task.eval_fn, mesh, rules), out_shardings=batch_sharding)
     fp = ckpt.fingerprint(cfg.task, cfg.model.to_dict(), abstract_state.params)
     return Run(
         cfg,
@@ -179,6 +183,7 @@ def build(
         eval_step,
         init_batch,
         fp,
+        rules,
     )
 
 
@@ -197,7 +202,9 @@ def init_or_restore(run: Run, checkpointer: ckpt.Checkpointer | None):
         return state, data_state
     init = jax.jit(
         traced_under_mesh(
-            functools.partial(step_lib.init_state, run.task, run.tx, run.ema), run.mesh
+            functools.partial(step_lib.init_state, run.task, run.tx, run.ema),
+            run.mesh,
+            run.rules,
         ),
         out_shardings=run.state_shardings,
     )
