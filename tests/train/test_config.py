@@ -73,13 +73,13 @@ def test_bad_values_are_named(override, message):
 
 
 def test_rescale_for_batch_follows_the_rules():
-    cfg = config_lib.load_config("configs/digits_resnet_lars.py")  # reference batch 256
+    cfg = config_lib.load_config("configs/digits_resnet_lars.py", ["ema.decay=0.99"])  # ref 256
     new, changes = config_lib.rescale_for_batch(cfg)
     kappa = cfg.batch_size / cfg.reference_batch_size
     assert new.optimizer.learning_rate == pytest.approx(cfg.optimizer.learning_rate * kappa)
     assert new.ema.decay == pytest.approx(cfg.ema.decay**kappa)
     assert {c.key for c in changes} == {"optimizer.learning_rate", "ema.decay"}
-    assert cfg.optimizer.learning_rate == 0.8  # the input is not modified
+    assert cfg.optimizer.learning_rate == 0.8 and cfg.ema.decay == 0.99  # input not modified
 
 
 def test_rescale_adam_sde_moves_betas():

@@ -34,6 +34,7 @@ OVERRIDES = (
     "model.num_filters=8",
     "eval_batch_size=360",
     "log_every_steps=1",
+    "ema.decay=0.9",
 )
 
 
