@@ -21,6 +21,7 @@ from jaxbatch.parallel.distributed import (
     initialize,
     parse_slurm_nodelist,
 )
+from jaxbatch.parallel.local_cluster import free_port, run_local_cluster
 from jaxbatch.parallel.memory import bytes_per_device, global_bytes
 from jaxbatch.parallel.mesh import (
     MESH_AXES,
@@ -53,6 +54,7 @@ __all__ = [
     "bytes_per_device",
     "check_batch_divisible",
     "detect_cluster",
+    "free_port",
     "global_bytes",
     "initialize",
     "logical_to_mesh_sharding",
@@ -66,4 +68,5 @@ __all__ = [
     "parse_slurm_nodelist",
     "replicated",
     "resolve_mesh_shape",
+    "run_local_cluster",
 ]

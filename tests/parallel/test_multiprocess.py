@@ -8,9 +8,6 @@ the eight simulated devices, and both are checked against NumPy.
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 
 from jaxbatch import parallel
+from jaxbatch.parallel import local_cluster
 
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 TIMEOUT_S = 120
@@ -30,42 +28,11 @@ def _load_worker():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(tmp_path) -> list[dict]:
-    port = _free_port()
-    procs = []
-    try:
-        for pid in range(2):
-            env = {
-                **os.environ,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                "JAX_PLATFORMS": "cpu",
-                "JAXBATCH_COORDINATOR": f"127.0.0.1:{port}",
-                "JAXBATCH_NUM_PROCESSES": "2",
-                "JAXBATCH_PROCESS_ID": str(pid),
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(tmp_path / f"out{pid}.json")],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"worker {pid} exited with {p.returncode}:\n{log[-3000:]}"
+    local_cluster.run_local_cluster(
+        lambda pid: [sys.executable, str(WORKER), str(tmp_path / f"out{pid}.json")],
+        timeout_s=TIMEOUT_S,
+    )
     return [json.loads((tmp_path / f"out{pid}.json").read_text()) for pid in range(2)]
 
 

@@ -8,9 +8,6 @@ parameters must agree. Then this process resumes the two-process checkpoint on a
 """
 
 import importlib.util
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 
 from jaxbatch import data as jdata
 from jaxbatch import parallel
+from jaxbatch.parallel import local_cluster
 from jaxbatch.train import loop
 
 WORKER = Path(__file__).with_name("_train_worker.py")
@@ -37,42 +35,10 @@ def _load_worker():
 worker = _load_worker()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_processes(workdir: Path, out: Path) -> None:
-    port = _free_port()
-    procs = []
-    try:
-        for pid in range(2):
-            env = {
-                **os.environ,
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                "JAX_PLATFORMS": "cpu",
-                "JAXBATCH_COORDINATOR": f"127.0.0.1:{port}",
-                "JAXBATCH_NUM_PROCESSES": "2",
-                "JAXBATCH_PROCESS_ID": str(pid),
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), str(workdir), str(out)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        logs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for pid, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"worker {pid} exited with {p.returncode}:\n{log[-4000:]}"
+    local_cluster.run_local_cluster(
+        lambda pid: [sys.executable, str(WORKER), str(workdir), str(out)], timeout_s=TIMEOUT_S
+    )
 
 
 def _train_steps(cfg, devices, steps: int):
