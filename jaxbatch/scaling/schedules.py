@@ -37,6 +37,24 @@ def _check_phases(warmup_samples, total_samples, batch_size):
     return warmup_samples, total_samples, _checks.positive("batch_size", batch_size)
 
 
+def _warmup_then_decay(
+    shape, peak_lr, init_lr, end_lr, warmup_samples, total_samples, batch_size
+) -> optax.Schedule:
+    """Linear warmup to ``peak_lr``, then end + (peak - end) * shape(frac), frac in [0, 1]."""
+    peak = _checks.non_negative("peak_lr", peak_lr)
+    init = _checks.non_negative("init_lr", init_lr)
+    end = _checks.non_negative("end_lr", end_lr)
+    warmup, total, batch = _check_phases(warmup_samples, total_samples, batch_size)
+
+    def schedule(step):
+        samples = _samples_seen(step, batch)
+        frac = jnp.clip((samples - warmup) / (total - warmup), 0.0, 1.0)
+        decayed = end + (peak - end) * shape(frac)
+        return jnp.where(samples < warmup, _warmup(samples, init, peak, warmup), decayed)
+
+    return schedule
+
+
 def warmup_cosine_in_samples(
     peak_lr: float,
     *,
@@ -73,18 +91,15 @@ def warmup_cosine_in_samples(
     Returns:
       ``step -> lr``, jit-able, for ``optax`` optimizers' ``learning_rate``.
     """
-    peak = _checks.non_negative("peak_lr", peak_lr)
-    init = _checks.non_negative("init_lr", init_lr)
-    end = _checks.non_negative("end_lr", end_lr)
-    warmup, total, batch = _check_phases(warmup_samples, total_samples, batch_size)
-
-    def schedule(step):
-        samples = _samples_seen(step, batch)
-        frac = jnp.clip((samples - warmup) / (total - warmup), 0.0, 1.0)
-        decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
-        return jnp.where(samples < warmup, _warmup(samples, init, peak, warmup), decayed)
-
-    return schedule
+    return _warmup_then_decay(
+        lambda frac: 0.5 * (1.0 + jnp.cos(math.pi * frac)),
+        peak_lr,
+        init_lr,
+        end_lr,
+        warmup_samples,
+        total_samples,
+        batch_size,
+    )
 
 
 def warmup_linear_in_samples(
@@ -120,18 +135,15 @@ def warmup_linear_in_samples(
     Returns:
       ``step -> lr``, jit-able.
     """
-    peak = _checks.non_negative("peak_lr", peak_lr)
-    init = _checks.non_negative("init_lr", init_lr)
-    end = _checks.non_negative("end_lr", end_lr)
-    warmup, total, batch = _check_phases(warmup_samples, total_samples, batch_size)
-
-    def schedule(step):
-        samples = _samples_seen(step, batch)
-        frac = jnp.clip((samples - warmup) / (total - warmup), 0.0, 1.0)
-        decayed = peak + (end - peak) * frac
-        return jnp.where(samples < warmup, _warmup(samples, init, peak, warmup), decayed)
-
-    return schedule
+    return _warmup_then_decay(
+        lambda frac: 1.0 - frac,
+        peak_lr,
+        init_lr,
+        end_lr,
+        warmup_samples,
+        total_samples,
+        batch_size,
+    )
 
 
 def warmup_rsqrt_in_samples(
