@@ -5,10 +5,14 @@ Plan it on this machine (compile-only, 256 simulated devices):
   jaxbatch plan --config configs/bert_lamb.py:phase1 --devices 256
   jaxbatch plan --config configs/bert_lamb.py:phase2 --devices 256
 
-Train on a pod (see docs/scale_out.md), phase 1 then phase 2:
+Train on a pod (see BUILD.md "Scale-out"), phase 1 then phase 2:
 
-  jaxbatch train --config configs/bert_lamb.py:phase1 --workdir gs://BUCKET/runs/bert_p1
-  jaxbatch train --config configs/bert_lamb.py:phase2 --workdir gs://BUCKET/runs/bert_p2
+  jaxbatch train --config configs/bert_lamb.py:phase1 --workdir runs/bert_p1
+  jaxbatch train --config configs/bert_lamb.py:phase2 --config.init_from=runs/bert_p1 \
+      --workdir runs/bert_p2
+
+(phase 2 starts from phase 1's weights with a fresh LAMB state and step, ``config.init_from``;
+the workdir must be a path every host sees, e.g. a shared file system).
 
 Expected (LAMB paper, Table 1): SQuAD v1.1 F1 ≈ 90.6 after fine-tuning, from 8,599 steps in total
 (7,038 at batch 65,536 and sequence 128, then 1,563 at batch 32,768 and sequence 512); not run by

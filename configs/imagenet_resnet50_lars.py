@@ -4,7 +4,7 @@ Plan it on this machine (compile-only, 256 simulated devices, a few minutes on a
 
   jaxbatch plan --config configs/imagenet_resnet50_lars.py --devices 256
 
-Train on a TPU pod / GPU cluster with a prepared TFDS ``imagenet2012`` (see docs/scale_out.md):
+Train on a TPU pod / GPU cluster with a prepared TFDS ``imagenet2012`` (see BUILD.md "Scale-out"):
 
   scripts/launch_tpu_pod.sh ... jaxbatch train --config configs/imagenet_resnet50_lars.py \
       --config.dataset.options.data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/r50_32k
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     c.seed = 0
 
     # ImageNet from TFDS (`tfds build imagenet2012 --file_format=array_record`); examples are
-    # decoded, random-resized-cropped to image_size and normalised (docs/scale_out.md).
+    # decoded, random-resized-cropped to image_size and normalised (BUILD.md "Scale-out").
     c.dataset.name = "imagenet2012"
     c.dataset.options.image_size = 224
 

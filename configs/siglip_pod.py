@@ -4,7 +4,7 @@ Plan it on this machine (compile-only, 256 simulated devices):
 
   jaxbatch plan --config configs/siglip_pod.py --devices 256
 
-Train on a pod with an image-text dataset (see docs/scale_out.md):
+Train on a pod with an image-text dataset (see BUILD.md "Scale-out"):
 
   jaxbatch train --config configs/siglip_pod.py --workdir gs://BUCKET/runs/siglip_b16
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Plans the pod configs ahead of time on simulated CPU devices (compile only, nothing allocated)
-# and prints the per-device memory / FLOPs / collectives table of docs/scale_out.md.
+# and prints the per-device memory / FLOPs / collectives table of BUILD.md "Scale-out".
 #
 #   scripts/plan_pods.sh [OUT_DIR]      (default bench_results/plans; ~20 min on a 2-core CPU)
 #

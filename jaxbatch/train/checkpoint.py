@@ -119,3 +119,62 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_weights(source: str, abstract_weights: dict, meta: dict) -> dict:
+    """Model weights from another run's latest checkpoint, placed in the current shardings.
+
+    Only ``abstract_weights``' entries are read (e.g. {'params': ..., 'model_state': ...}); the
+    optimizer state, step and data position of the source run are left on disk. Used to start a
+    run from an earlier one (BERT phase 2 from phase 1, fine-tuning).
+
+    Args:
+      source: the workdir of the earlier run, or its ``checkpoints`` directory.
+      abstract_weights: the entries to read, as ``jax.ShapeDtypeStruct`` trees with shardings.
+      meta: this run's :func:`fingerprint`; the source's parameter shapes must equal it.
+
+    Returns:
+      The restored entries, as ``abstract_weights``.
+
+    Raises:
+      CheckpointError: no checkpoint at ``source``, another model's, or an unreadable one.
+    """
+    directory = os.path.abspath(source)
+    if os.path.isdir(os.path.join(directory, "checkpoints")):
+        directory = os.path.join(directory, "checkpoints")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"init_from={source!r}: no such directory")
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"init_from={source!r}: no checkpoint in {directory}")
+    restore_args = jax.tree.map(
+        lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), abstract_weights
+    )
+    try:
+        saved_meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+    except Exception as e:
+        raise CheckpointError(
+            f"init_from={source!r}: checkpoint {step} cannot be read ({type(e).__name__}: {e})"
+        ) from e
+    if saved_meta.get("param_shapes") != meta["param_shapes"]:
+        raise CheckpointError(
+            f"init_from={source!r}: checkpoint {step} holds a different model: "
+            f"{_describe_difference(saved_meta, meta)}"
+        )
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=abstract_weights, restore_args=restore_args, partial_restore=True
+            )
+        ),
+    ).state
+    manager.close()
+    return restored

@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # 0 = only at the end
     c.eval_batch_size = 512
     c.checkpoint_every_steps = 0  # 0 = only at the end
+    # Start from the weights (params, batch statistics) of an earlier run: its workdir. Used only
+    # when this run has no checkpoint of its own; optimizer state and step start fresh.
+    c.init_from = ""
     c.max_checkpoints = 2
 
     c.mesh = ml_collections.ConfigDict()

@@ -208,7 +208,30 @@ def init_or_restore(run: Run, checkpointer: ckpt.Checkpointer | None):
         ),
         out_shardings=run.state_shardings,
     )
-    return init(jax.random.PRNGKey(run.cfg.seed), run.init_batch), None
+    state = init(jax.random.PRNGKey(run.cfg.seed), run.init_batch)
+    if run.cfg.init_from:
+        state = _with_weights_from(run, state, run.cfg.init_from)
+    return state, None
+
+
+def _with_weights_from(run: Run, state, source: str):
+    """``state`` with params and model state (and a fresh EMA of them) from run ``source``."""
+    abstract = {
+        key: jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            getattr(run.abstract_state, key),
+            getattr(run.state_shardings, key),
+        )
+        for key in ("params", "model_state")
+    }
+    weights = ckpt.restore_weights(source, abstract, run.fingerprint)
+    ema_state = state.ema_state
+    if run.ema is not None:
+        ema_state = run.ema.init({"params": weights["params"], **weights["model_state"]})
+    _log(f"initialised params and model state from {source}")
+    return state.replace(
+        params=weights["params"], model_state=weights["model_state"], ema_state=ema_state
+    )
 
 
 def evaluate(run: Run, state, test_arrays: dict, *, use_ema: bool = False) -> dict[str, float]:

@@ -6,7 +6,7 @@ here computing them from ``config.dataset.options`` (with the loader's defaults)
 
 - bundled datasets (``jaxbatch.data``): 'digits', 'codesearch', 'stdlib_text';
 - pod-scale datasets, named by the pod configs and described by the example format a loader must
-  produce (not loadable by ``jaxbatch.data`` yet, see docs/scale_out.md):
+  produce (not loadable by ``jaxbatch.data`` yet, see BUILD.md "Scale-out"):
   'imagenet2012'      image float32 [S, S, 3] (decoded, cropped, normalised), label int32 [];
   'bert_pretraining'  the fields of ``jaxbatch.train.tasks_mlm`` ([L] ids, [P] predictions);
   'image_text'        image-text pairs for the 'contrastive' task: x = image under 'doc',

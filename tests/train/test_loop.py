@@ -114,3 +114,38 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
                 f.write("{not json")
     with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
         loop.train(cfg, str(tmp_path), progress=False)
+
+
+def test_init_from_starts_with_the_weights_of_an_earlier_run(tmp_path):
+    """A second phase (e.g. BERT phase 2) starts from the first phase's params and batch stats."""
+    first = loop.train(
+        _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512"),
+        str(tmp_path / "phase1"),
+        progress=False,
+    )
+    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", "ema.decay=0.9")
+    cfg.init_from = str(tmp_path / "phase1")
+    second = loop.train(cfg, str(tmp_path / "phase2"), progress=False, stop_after_step=0)
+    state = second["state"]
+    assert int(state.step) == 0
+    for got, want in (
+        (state.params, first["state"].params),
+        (state.model_state, first["state"].model_state),
+        (state.ema_state.ema["params"], first["state"].params),
+    ):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+
+
+def test_init_from_another_model_is_refused(tmp_path):
+    loop.train(
+        _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512"),
+        str(tmp_path / "small"),
+        progress=False,
+    )
+    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", "model.num_filters=8")
+    cfg.init_from = str(tmp_path / "small")
+    with pytest.raises(ckpt.CheckpointError, match="different model"):
+        loop.train(cfg, str(tmp_path / "wide"), progress=False, stop_after_step=0)
+    cfg.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(ckpt.CheckpointError, match="no such directory"):
+        loop.train(cfg, str(tmp_path / "wide2"), progress=False, stop_after_step=0)
