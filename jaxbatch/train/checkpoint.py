@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(RuntimeError):
@@ -57,7 +58,7 @@ class Checkpointer:
     """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` for one run directory."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
@@ -91,8 +92,8 @@ class Checkpointer:
             ) from e
         if saved.get("task") != meta["task"] or saved.get("param_shapes") != meta["param_shapes"]:
             raise CheckpointError(
-                f"workdir {os.path.dirname(self.directory)} holds a checkpoint (step {step}) of a "
-                f"different model: {_describe_difference(saved, meta)}. Use another --workdir "
+                f"workdir {epath.Path(self.directory).parent} holds a checkpoint (step {step}) "
+                f"of a different model: {_describe_difference(saved, meta)}. Use another --workdir "
                 "or remove the old checkpoints."
             )
 
@@ -139,10 +140,10 @@ def restore_weights(source: str, abstract_weights: dict, meta: dict) -> dict:
     Raises:
       CheckpointError: no checkpoint at ``source``, another model's, or an unreadable one.
     """
-    directory = os.path.abspath(source)
-    if os.path.isdir(os.path.join(directory, "checkpoints")):
-        directory = os.path.join(directory, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = epath.Path(source)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
         raise CheckpointError(f"init_from={source!r}: no such directory")
     manager = ocp.CheckpointManager(
         directory,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -19,6 +18,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -298,14 +298,12 @@ def train(
     )
     test_arrays = jdata.load_arrays(cfg.dataset.name, "test", **cfg.dataset.options)
     is_main = jax.process_index() == 0
+    run_dir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2, default=str)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
-    checkpointer = ckpt.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.max_checkpoints
-    )
+    checkpointer = ckpt.Checkpointer(str(run_dir / "checkpoints"), max_to_keep=cfg.max_checkpoints)
     state, data_state = init_or_restore(run, checkpointer)
     local_batch = cfg.batch_size // jax.process_count()
     iterator = jdata.make_train_iterator(
@@ -366,11 +364,10 @@ def train(
         if run.task.baseline is not None:
             summary["baseline"] = run.task.baseline()
         if is_main:
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             metrics_lib.plot_curves(
                 writer.path,
-                os.path.join(workdir, "curves.png"),
+                str(run_dir / "curves.png"),
                 title=f"{cfg.task} {cfg.dataset.name} {cfg.model.name} batch {cfg.batch_size}",
             )
     writer.close()

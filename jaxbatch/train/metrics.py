@@ -6,12 +6,15 @@ branches.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 
 import numpy as np
+from etils import epath
 
 
 def _plain(value):
@@ -21,26 +24,49 @@ def _plain(value):
     return value
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
 class MetricsWriter:
-    """Appends one JSON record per call to ``metrics.jsonl``; mirrors scalars to TensorBoard."""
+    """Appends one JSON record per call to ``metrics.jsonl``; mirrors scalars to TensorBoard.
+
+    ``workdir`` may be a URL (e.g. ``gs://bucket/run``): the records then go through
+    ``etils.epath`` (rewriting the small file, since object stores cannot append) and the
+    TensorBoard events, which tensorboardX writes to local files only, to
+    ``$TMPDIR/jaxbatch_tensorboard/<run name>`` (the path is printed).
+    """
 
     def __init__(self, workdir: str, *, enabled: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = str(epath.Path(workdir) / "metrics.jsonl")
         self._tb = None
+        self._lines: list[str] | None = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+            tb_dir = os.path.join(workdir, "tensorboard")
+            if _is_url(workdir):
+                name = workdir.rstrip("/").rsplit("/", 1)[-1]
+                tb_dir = os.path.join(tempfile.gettempdir(), "jaxbatch_tensorboard", name)
+                print(f"TensorBoard events of {workdir} are written to {tb_dir}", flush=True)
+                existing = epath.Path(self.path)
+                self._lines = existing.read_text().splitlines(True) if existing.exists() else []
+            self._tb = SummaryWriter(tb_dir)
 
     def write(self, step: int, metrics: Mapping[str, float], *, prefix: str = "train") -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "kind": prefix}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if self._lines is None:
+            with open(self.path, "a") as f:
+                f.write(line)
+        else:
+            self._lines.append(line)
+            epath.Path(self.path).write_text("".join(self._lines))
         for key, value in record.items():
             if key not in ("step", "kind") and isinstance(value, int | float):
                 self._tb.add_scalar(f"{prefix}/{key}", value, int(step))
@@ -51,9 +77,9 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl`` file (a local path or a URL)."""
+    text = epath.Path(path).read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> str:
@@ -86,6 +112,8 @@ def plot_curves(metrics_path: str, out_path: str, *, title: str = "") -> str:
         axes[1].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    epath.Path(out_path).write_bytes(png.getvalue())
     plt.close(fig)
     return out_path
