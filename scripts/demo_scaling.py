@@ -31,7 +31,7 @@ Run: ``python scripts/demo_scaling.py [--quick] [--seeds 3] [--out FILE]`` (defa
 ``bench_results/demo_scaling.json``).
 
 References:
-  Busbridge et al., 2023, "How to Scale Your EMA", Definition 1.2 (rho_hat = rho^kappa).
+  Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (rho_hat = rho^kappa).
   Goyal et al., 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", Sec. 2.1-2.2.
   You, Gitman, Ginsburg, 2017, "Large Batch Training of Convolutional Networks", Algorithm 1.
 """

@@ -38,7 +38,7 @@ def ema_decay(
     ``half_life_samples`` samples, whatever the batch).
 
     References:
-      Busbridge et al., 2023, "How to Scale Your EMA", Definition 1.1 (EMA Scaling Rule,
+      Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (
       rho_hat = rho^kappa).
 
     Args:
@@ -99,7 +99,7 @@ def model_ema(
     when the initial tree is zeros (optax's EMA starts at zero) and there is no warm-up.
 
     References:
-      Busbridge et al., 2023, "How to Scale Your EMA", Definition 1.1 and Algorithm 1.
+      Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule and its algorithm.
 
     Args:
       decay: rho at ``reference_batch_size``, in [0, 1) (see :func:`ema_decay`).

@@ -12,7 +12,7 @@ def ema_decay(base_decay: float, base_batch: float, batch: float) -> float:
       rho(batch) = base_decay ** kappa
 
     References:
-      Busbridge et al., 2023, "How to Scale Your EMA", Definition 1.2 (the EMA Scaling Rule).
+      Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (rho_hat = rho^kappa).
 
     Args:
       base_decay: decay tuned at ``base_batch``, in [0, 1).
