@@ -38,8 +38,8 @@ def ema_decay(
     ``half_life_samples`` samples, whatever the batch).
 
     References:
-      Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (
-      rho_hat = rho^kappa).
+      Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule
+      (rho_hat = rho^kappa).
 
     Args:
       decay: rho at ``reference_batch_size``, in [0, 1). Exactly one of ``decay`` and
