@@ -329,6 +329,7 @@ def train(
         desc=f"{cfg.task}/{cfg.dataset.name} B={cfg.batch_size}",
     )
     log_every = max(1, cfg.log_every_steps)
+    schedule = optimizer_lib.make_schedule(cfg)  # for logging the learning rate
     last = {"time": time.perf_counter(), "step": start}
     metrics = None
     for step in range(start, end):
@@ -342,7 +343,7 @@ def train(
                 (done - last["step"]) * cfg.batch_size / (now - last["time"])
             )
             values["samples"] = done * cfg.batch_size
-            values["learning_rate"] = float(optimizer_lib.make_schedule(cfg)(step))
+            values["learning_rate"] = float(schedule(step))
             last.update(time=now, step=done)
             writer.write(done, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{values['examples_per_sec']:.0f}")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbatch import stats
-from jaxbatch.train.tasks import Task
+from jaxbatch.train.tasks import Task, split_variables
 
 # Smoothing of the |G|^2 and tr(Sigma) estimates before their ratio B_simple (McCandlish et al.).
 NOISE_EMA_DECAY = 0.95
@@ -48,9 +48,7 @@ def init_state(task: Task, tx, ema, rng: jax.Array, init_batch: dict) -> TrainSt
     """A fresh state; pure, so ``jax.eval_shape``/``jax.jit(out_shardings=...)`` can run it."""
     init_rng, rng = jax.random.split(rng)
     variables = flax.linen.meta.unbox(task.init_fn(init_rng, init_batch))
-    variables = dict(variables)
-    params = variables.pop("params")
-    model_state = variables
+    params, model_state = split_variables(variables)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

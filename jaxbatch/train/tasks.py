@@ -228,7 +228,3 @@ def split_variables(variables) -> tuple[Any, dict]:
     variables = dict(variables)
     params = variables.pop("params")
     return params, variables
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric in ("loss", "bits_per_byte")
