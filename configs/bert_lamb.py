@@ -5,11 +5,15 @@ Plan it on this machine (compile-only, 256 simulated devices):
   jaxbatch plan --config configs/bert_lamb.py:phase1 --devices 256
   jaxbatch plan --config configs/bert_lamb.py:phase2 --devices 256
 
-Train on a pod (see BUILD.md "Scale-out"), phase 1 then phase 2:
+Prepare pre-masked examples once per phase (``scripts/prepare_bert_data.py``: WordPiece ids
+from any tokenizer in an ``.npz``, ``--special bert_uncased --vocab_size 30522``; phase 1 with
+``--seq_len 128 --max_predictions 20``, phase 2 with ``--seq_len 512 --max_predictions 80``;
+splits 'train' and 'test'), then train on a pod (see BUILD.md "Scale-out"):
 
-  jaxbatch train --config configs/bert_lamb.py:phase1 --workdir runs/bert_p1
+  jaxbatch train --config configs/bert_lamb.py:phase1 \
+      --config.dataset.options.data_dir=/data/bert128 --workdir runs/bert_p1
   jaxbatch train --config configs/bert_lamb.py:phase2 --config.init_from=runs/bert_p1 \
-      --workdir runs/bert_p2
+      --config.dataset.options.data_dir=/data/bert512 --workdir runs/bert_p2
 
 (phase 2 starts from phase 1's weights with a fresh LAMB state and step, ``config.init_from``;
 the workdir must be a path every host sees, e.g. a shared file system).
@@ -33,7 +37,8 @@ The model is trained on the masked-LM objective only (no next-sentence predictio
 References: You et al. 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
 minutes" (ICLR), Section 4.1 and Table 1; Devlin et al. 2019, "BERT", Appendix A.2.
 
-``get_config('runlocal')`` is a tiny BERT used by the tests to build and plan it on 8 CPU devices.
+``get_config('runlocal')`` is a tiny BERT used by the tests to build, plan and train it on 8 CPU
+devices.
 """
 
 from jaxbatch.train.config import default_config
@@ -59,6 +64,7 @@ def get_config(arg: str | None = None):
     c.dataset.name = "bert_pretraining"
     c.dataset.options.seq_len = seq_len
     c.dataset.options.max_predictions = predictions
+    c.dataset.options.data_dir = ""  # set on the command line (scripts/prepare_bert_data.py)
 
     c.model.name = "bert_mlm"
     c.model.vocab_size = 30528

@@ -4,10 +4,12 @@ Plan it on this machine (compile-only, 256 simulated devices, a few minutes on a
 
   jaxbatch plan --config configs/imagenet_resnet50_lars.py --devices 256
 
-Train on a TPU pod / GPU cluster with a prepared TFDS ``imagenet2012`` (see BUILD.md "Scale-out"):
+Train on a TPU pod / GPU cluster with a prepared TFDS ``imagenet2012`` (ArrayRecord format, on a
+local disk or a gcsfuse mount), or with shards from ``scripts/prepare_image_folder.py`` and
+``--config.dataset.options.format=array_record`` (see BUILD.md "Scale-out"):
 
   scripts/launch_tpu_pod.sh ... jaxbatch train --config configs/imagenet_resnet50_lars.py \
-      --config.dataset.options.data_dir=gs://BUCKET/tfds --workdir gs://BUCKET/runs/r50_32k
+      --config.dataset.options.data_dir=/mnt/tfds --workdir gs://BUCKET/runs/r50_32k
 
 Expected: ≥ 75.9 % top-1 on the 50,000 validation images (the MLPerf quality target) after about
 40 epochs (~1,600 steps), as LARS reaches at this batch in MLPerf; not run by jaxbatch (no pod).
@@ -24,8 +26,8 @@ norm of each residual branch (Goyal et al. 2017).
 References: You, Gitman, Ginsburg 2017, "Large Batch Training of Convolutional Networks" (LARS,
 ResNet-50 at 32K); Goyal et al. 2017, "Accurate, Large Minibatch SGD" (warm-up, zero-γ).
 
-``get_config('runlocal')`` is a tiny variant (8×8 images, 2 classes of blocks) used by the tests to
-build and plan it on 8 CPU devices.
+``get_config('runlocal')`` is a tiny variant (32×32 images, 2 stages of blocks) used by the tests
+to build, plan and train it on 8 CPU devices.
 """
 
 from jaxbatch.train.config import default_config
@@ -43,6 +45,9 @@ def get_config(arg: str | None = None):
     # decoded, random-resized-cropped to image_size and normalised (BUILD.md "Scale-out").
     c.dataset.name = "imagenet2012"
     c.dataset.options.image_size = 224
+    c.dataset.options.data_dir = ""  # set on the command line: the TFDS data_dir
+    c.dataset.options.format = "tfds"  # or 'array_record' (scripts/prepare_image_folder.py)
+    c.dataset.options.min_crop_area = 0.08  # Inception crop: 8 %-100 % of the image
 
     c.model.name = "resnet50"
     c.model.num_classes = 1000

@@ -4,9 +4,11 @@ Plan it on this machine (compile-only, 256 simulated devices):
 
   jaxbatch plan --config configs/siglip_pod.py --devices 256
 
-Train on a pod with an image-text dataset (see BUILD.md "Scale-out"):
+Train on a pod with image-text pairs written as ArrayRecord shards by
+``scripts/prepare_image_text.py`` (captions pre-tokenised to 'tokens'; see BUILD.md "Scale-out"):
 
-  jaxbatch train --config configs/siglip_pod.py --workdir gs://BUCKET/runs/siglip_b16
+  jaxbatch train --config configs/siglip_pod.py --config.dataset.options.data_dir=/data/pairs \
+      --workdir gs://BUCKET/runs/siglip_b16
 
 Expected (Zhai et al. 2023, Table 3/Figure 2): about 73 % zero-shot ImageNet top-1 for SigLIP
 ViT-B/16 after 9B WebLI examples at batch 32K; not run by jaxbatch (no pod, no WebLI).
@@ -21,8 +23,8 @@ patches), text 64 tokens of a 32,000-piece vocabulary (pad id 0), last-token poo
 References: Zhai, Mustafa, Kolesnikov, Beyer 2023, "Sigmoid Loss for Language Image Pre-Training";
 Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words" (ViT-B/16).
 
-``get_config('runlocal')`` is a tiny two-tower model used by the tests to build and plan it on 8
-CPU devices.
+``get_config('runlocal')`` is a tiny two-tower model used by the tests to build, plan and train it
+on 8 CPU devices (captions as byte tokens, vocabulary 258).
 """
 
 import math
@@ -35,10 +37,13 @@ def get_config(arg: str | None = None):
     c.task = "contrastive"
     c.seed = 0
 
-    # Image-text pairs; the contrastive task reads x (images) from 'doc', y (text) from 'code'.
+    # Image-text pairs in ArrayRecord shards (jaxbatch.data.image_text, scripts/
+    # prepare_image_text.py); captions stored as 'tokens' of a 32K SentencePiece vocabulary.
     c.dataset.name = "image_text"
+    c.dataset.pair_fields = ("image", "text")
     c.dataset.options.image_size = 224
     c.dataset.options.text_len = 64
+    c.dataset.options.data_dir = ""  # set on the command line
 
     c.model.name = "dual_encoder"
     c.model.embed_dim = 768
@@ -107,7 +112,7 @@ def get_config(arg: str | None = None):
         )
         c.model.y_encoder = dict(
             name="text_encoder",
-            vocab_size=64,
+            vocab_size=258,  # jaxbatch.data.tokens.VOCAB_SIZE: captions stored as 'text' bytes
             width=16,
             depth=1,
             heads=2,

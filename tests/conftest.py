@@ -27,3 +27,90 @@ def eight_devices():
             "tests/conftest.py could set XLA_FLAGS"
         )
     return devices
+
+
+def _digit_images(split: str):
+    """Digits as RGB uint8 images 40 wide × 32 high (non-square, so crops matter), with labels."""
+    import numpy as np
+
+    from jaxbatch.data import digits
+
+    arrays = digits.digits_arrays(split)
+    grey = (arrays["image"][..., 0] * 255).astype(np.uint8)  # [n, 8, 8]
+    big = np.repeat(np.repeat(grey, 4, axis=1), 5, axis=2)  # [n, 32, 40]
+    tint = np.array([1.0, 0.8, 0.6])
+    rgb = (big[..., None] * tint).astype(np.uint8)
+    return rgb, arrays["label"]
+
+
+@pytest.fixture(scope="session")
+def imagenet_like_dir(tmp_path_factory):
+    """sklearn digits written as JPEG class folders and converted to 'imagenet2012' shards.
+
+    Returns the ArrayRecord directory (train: 1,437 images in 3 shards, test: 360 in 1), with the
+    class folders under ``folders/`` beside it.
+    """
+    from jaxbatch.data import image_folder, images
+
+    root = tmp_path_factory.mktemp("imagenet_like")
+    out = root / "records"
+    for split, shards in (("train", 3), ("test", 1)):
+        pixels, labels = _digit_images(split)
+        for i, (image, label) in enumerate(zip(pixels, labels, strict=True)):
+            folder = root / "folders" / split / f"n{label:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}_{i:05d}.JPEG").write_bytes(images.encode_jpeg(image))
+        image_folder.convert_image_folder(
+            root / "folders" / split,
+            out,
+            name="imagenet2012",
+            split=split,
+            num_shards=shards,
+            classes=None if split == "train" else image_folder.load_classes(out, "imagenet2012"),
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_text_dir(tmp_path_factory):
+    """Digit images with captions naming the digit ('seven, handwritten', ...) as 'image_text'
+    shards; returns the directory. The digit comes first, so captions differ in their first
+    bytes (the runlocal config keeps 8 tokens)."""
+    from jaxbatch.data import image_text, images
+
+    words = "zero one two three four five six seven eight nine".split()
+    root = tmp_path_factory.mktemp("image_text")
+    for split in ("train", "test"):
+        pixels, labels = _digit_images(split)
+        pairs = []
+        for i, (image, label) in enumerate(zip(pixels, labels, strict=True)):
+            path = root / "images" / f"{split}_{i:05d}.jpg"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(images.encode_jpeg(image))
+            pairs.append((path, f"{words[label]}, handwritten"))
+        image_text.write_image_text_shards(pairs, root / "records", split=split, num_shards=2)
+    return root / "records"
+
+
+@pytest.fixture(scope="session")
+def bert_pretraining_dir(tmp_path_factory):
+    """Pre-masked 'bert_pretraining' shards (seq_len 32, 5 predictions, byte tokens + SEP/MASK,
+    vocabulary 260) from standard-library sources: 40 files for train, the next 8 for test."""
+    from jaxbatch.data import masked_lm, stdlib_files, tokens
+
+    out = tmp_path_factory.mktemp("bert_pretraining")
+    sources = stdlib_files.list_stdlib_files()
+    docs = [tokens.encode_bytes(f.path.read_bytes()[:4000]) for f in sources[:48]]
+    for split, part in (("train", docs[:40]), ("test", docs[40:])):
+        masked_lm.write_masked_lm_shards(
+            part,
+            out,
+            split=split,
+            num_shards=2,
+            seq_len=32,
+            max_predictions=5,
+            vocab_size=masked_lm.BYTE_VOCAB_SIZE,
+            special=masked_lm.byte_special_tokens(),
+            seed=0,
+        )
+    return out

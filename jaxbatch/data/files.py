@@ -9,9 +9,11 @@ is a grain ``RandomAccessDataSource`` returning dicts of arrays and plugs into `
 
 from __future__ import annotations
 
+import glob
 import io
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import SupportsIndex
 
 import numpy as np
@@ -110,6 +112,102 @@ def write_array_record(
     return n
 
 
+def shard_name(name: str, split: str, index: int, count: int) -> str:
+    """File name of shard ``index`` of ``count`` of a split, in TFDS's naming scheme:
+    ``{name}-{split}.array_record-{index:05d}-of-{count:05d}``."""
+    return f"{name}-{split}.array_record-{index:05d}-of-{count:05d}"
+
+
+def write_example_shards(
+    examples: Iterable[Mapping[str, np.ndarray]],
+    *,
+    out_dir: str | os.PathLike,
+    name: str,
+    split: str,
+    num_shards: int = 1,
+    options: str = "group_size:1",
+) -> tuple[list[str], int]:
+    """Streams examples into ``num_shards`` ArrayRecord files (example i -> shard i mod count).
+
+    Nothing is held in memory beyond one example, so a 150 GB image folder converts on a small
+    machine. Read the result back with :func:`shard_paths` and :class:`ArrayRecordExamples`.
+
+    Args:
+      examples: dicts of arrays (one per record), e.g. {'image': uint8 JPEG bytes, 'label': int}.
+      out_dir: directory for the shards (created if missing).
+      name: dataset name in the file names (e.g. 'imagenet2012').
+      split: split name in the file names (e.g. 'train').
+      num_shards: number of files; more shards let many hosts open their own readers.
+      options: ArrayRecord writer options.
+
+    Returns:
+      (paths of the shards in order, number of examples written).
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    for what, value in (("name", name), ("split", split)):
+        if not re.fullmatch(r"[A-Za-z0-9_.\[\]:%]+", value):
+            raise ValueError(f"{what} must be a plain identifier for file names, got {value!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    stale = [
+        p
+        for p in glob.glob(os.path.join(os.fspath(out_dir), f"{name}-{split}.array_record-*"))
+        if not p.endswith(f"-of-{num_shards:05d}")
+    ]
+    if stale:
+        raise FileExistsError(
+            f"{os.fspath(out_dir)!r} already holds {len(stale)} shard(s) of {name}-{split} with "
+            f"another shard count (e.g. {os.path.basename(stale[0])!r}); remove them first"
+        )
+    paths = [
+        os.path.join(os.fspath(out_dir), shard_name(name, split, i, num_shards))
+        for i in range(num_shards)
+    ]
+    writers = [ArrayRecordWriter(p, options) for p in paths]
+    count = 0
+    try:
+        for example in examples:
+            writers[count % num_shards].write(encode_example(example))
+            count += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    if count == 0:
+        for p in paths:
+            os.remove(p)
+        raise ValueError(f"no examples to write for {name}/{split}")
+    return paths, count
+
+
+def shard_paths(data_dir: str | os.PathLike, name: str, split: str) -> list[str]:
+    """The ArrayRecord shards of ``{name}-{split}`` in ``data_dir``, checked to be complete.
+
+    Raises:
+      FileNotFoundError: no shard, or some of the ``-of-N`` shards missing (the message names the
+        pattern searched and the missing indices).
+    """
+    pattern = os.path.join(os.fspath(data_dir), f"{name}-{split}.array_record-*-of-*")
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise FileNotFoundError(
+            f"no ArrayRecord shards for {name!r} split {split!r}: nothing matches {pattern!r}"
+        )
+    counts = {int(p.rsplit("-of-", 1)[1]) for p in found}
+    if len(counts) != 1:
+        raise FileNotFoundError(f"shards of {pattern!r} disagree on their count: {sorted(counts)}")
+    (count,) = counts
+    present = {int(p.rsplit("-of-", 1)[0].rsplit("-", 1)[1]) for p in found}
+    missing = sorted(set(range(count)) - present)
+    if missing:
+        raise FileNotFoundError(
+            f"{name}-{split} in {os.fspath(data_dir)!r} is incomplete: shards {missing} of "
+            f"{count} are missing"
+        )
+    return found
+
+
 class ArrayRecordExamples:
     """Random-access source over ArrayRecord files written by :func:`write_array_record`.
 
@@ -143,6 +241,10 @@ class ArrayRecordExamples:
 
     def __getitems__(self, indices: Sequence[SupportsIndex]) -> list[dict[str, np.ndarray]]:
         return [decode_example(r) for r in self._source.__getitems__(indices)]
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(len(self)):
+            yield self[i]
 
     def __repr__(self) -> str:
         return f"ArrayRecordExamples({self._source!r})"

@@ -10,10 +10,15 @@ shard_count examples. Process p reads, at every step, examples p * batch_size ..
 batch_size - 1 of that step's global batch, so the concatenation over processes of one step is
 exactly the batch a single process sees with ``shard_count=1`` and ``batch_size=G``, and each
 process only reads its own share.
+
+Augmentation (``random_transform``): the example at position j of epoch e's permutation is
+transformed with ``np.random.default_rng((hash(seed), e, j))``, so its random crop does not depend
+on the batch size, the number of processes or where a run was resumed.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Mapping
@@ -27,6 +32,7 @@ from jaxbatch.data import files
 Example = dict[str, np.ndarray]
 Data = Mapping[str, np.ndarray] | Any  # dict of arrays, or a grain RandomAccessDataSource
 Transform = Callable[[Example], Example]
+RandomTransform = Callable[[Example, np.random.Generator], Example]
 
 MASK_KEY = "mask"
 
@@ -68,7 +74,39 @@ def _fetcher(data: Data, transform: Transform | None) -> Callable[[np.ndarray], 
         examples = _read(data, indices)
         if transform is not None:
             examples = [transform(e) for e in examples]
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        return _stack(examples)
+
+    return fetch
+
+
+def _stack(examples: list[Example]) -> Example:
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _augmented_fetcher(
+    data: Data,
+    random_transform: RandomTransform,
+    *,
+    seed: int,
+    local_steps: int,
+    batch_size: int,
+    shard_index: int,
+    shard_count: int,
+) -> Callable[[int, np.ndarray], Example]:
+    """fetch(i, indices) for the i-th batch of this process: each example gets its own RNG keyed
+    by (seed, epoch, position in the epoch's permutation), see the module docstring."""
+    key = _hashed_seed("augment", seed)
+
+    def fetch(i: int, indices: np.ndarray) -> Example:
+        epoch, step = divmod(int(i), local_steps)
+        first = (step * shard_count + shard_index) * batch_size
+        examples = _read(data, indices)
+        return _stack(
+            [
+                random_transform(e, np.random.default_rng((key, epoch, first + j)))
+                for j, e in enumerate(examples)
+            ]
+        )
 
     return fetch
 
@@ -90,10 +128,14 @@ def _check_sharding(batch_size: int, shard_index: int, shard_count: int) -> None
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
 
 
+def _hashed_seed(purpose: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"jaxbatch.{purpose}:{seed}".encode()).digest()[:4], "big")
+
+
 def _shuffle_seed(seed: int) -> int:
     # grain folds the epoch into the seed (seed + epoch), so seed s at epoch 1 would replay
     # seed s + 1 at epoch 0; hashing the user seed keeps runs with nearby seeds unrelated.
-    return int.from_bytes(hashlib.sha256(f"jaxbatch.train:{seed}".encode()).digest()[:4], "big")
+    return _hashed_seed("train", seed)
 
 
 def steps_per_epoch(
@@ -117,6 +159,7 @@ def make_train_iterator(
     num_epochs: int | None = None,
     drop_remainder: bool = True,
     transform: Transform | None = None,
+    random_transform: RandomTransform | None = None,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
     """Shuffled training batches of this process's shard, as a checkpointable grain iterator.
@@ -135,6 +178,9 @@ def make_train_iterator(
         has exactly ``batch_size`` rows. With ``False`` the last batch of an epoch is smaller,
         which is only allowed on one process (or when G divides n).
       transform: per-example function applied before batching (e.g. decoding, cropping).
+      random_transform: per-example augmentation ``(example, rng) -> example`` applied before
+        batching instead of ``transform``; ``rng`` is a ``np.random.Generator`` keyed by (seed,
+        epoch, position in the epoch), so resumed and re-sharded runs see the same crops.
       read_options: grain reader threads / buffer; default :func:`default_read_options`.
 
     Returns:
@@ -162,16 +208,32 @@ def make_train_iterator(
             f"batch counts ({n} examples, global batch {global_batch}); use drop_remainder=True "
             "for training and make_eval_batches for exact coverage"
         )
-    fetch = _fetcher(data, transform)
-    _check_example(fetch)
-
+    if transform is not None and random_transform is not None:
+        raise ValueError("pass transform or random_transform, not both (compose them in one)")
     ds = grain.MapDataset.range(n).shuffle(seed=_shuffle_seed(int(seed)))
     if drop_remainder:
         ds = ds[: (n // global_batch) * global_batch]
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
-    ds = ds.repeat(num_epochs).map(fetch)
+    local_steps = len(ds)
+    ds = ds.repeat(num_epochs)
+    if random_transform is None:
+        fetch = _fetcher(data, transform)
+        _check_example(fetch)
+        ds = ds.map(fetch)
+    else:
+        fetch_augmented = _augmented_fetcher(
+            data,
+            random_transform,
+            seed=int(seed),
+            local_steps=local_steps,
+            batch_size=batch_size,
+            shard_index=shard_index,
+            shard_count=shard_count,
+        )
+        _check_example(functools.partial(fetch_augmented, 0))
+        ds = ds.map_with_index(fetch_augmented)
     return iter(ds.to_iter_dataset(read_options or default_read_options()))
 
 

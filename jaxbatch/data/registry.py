@@ -1,8 +1,14 @@
-"""Dataset registry: ``load_arrays(name, split, **options)`` -> dict of NumPy arrays.
+"""Dataset registry: ``load_split(name, split, **options)`` -> :class:`DataSplit`.
 
-Bundled datasets need nothing beyond the installed packages and the interpreter's own standard
-library; ``npz`` reads user files. Every loader is deterministic: the same call returns the same
-arrays on every run and (for the stdlib datasets) on every machine with the same Python.
+Two kinds of dataset:
+
+- in memory (``load_arrays`` gives their dict of NumPy arrays): the bundled datasets, which need
+  nothing beyond the installed packages and the interpreter's own standard library, and ``npz``
+  user files. Every loader is deterministic: the same call returns the same arrays on every run
+  and (for the stdlib datasets) on every machine with the same Python.
+- stored as record files and decoded on the fly, for the pod-scale configs: 'imagenet2012'
+  (TFDS or ArrayRecord), 'image_text' and 'bert_pretraining' (ArrayRecord); each needs a
+  ``data_dir`` option.
 """
 
 from __future__ import annotations
@@ -14,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from jaxbatch.data import codesearch, digits, files, stdlib_files, stdlib_text
+from jaxbatch.data import (
+    bert_pretraining,
+    codesearch,
+    digits,
+    files,
+    image_text,
+    imagenet,
+    stdlib_files,
+    stdlib_text,
+)
+from jaxbatch.data.split import DataSplit
 
 
 def npz_arrays(split: str, *, path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -42,25 +58,39 @@ _LOADERS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
     "stdlib_text": stdlib_text.stdlib_text_arrays,
     "npz": npz_arrays,
 }
-DATASETS: tuple[str, ...] = tuple(_LOADERS)
+_SPLIT_LOADERS: dict[str, Callable[..., DataSplit]] = {
+    imagenet.NAME: imagenet.imagenet_split,
+    image_text.NAME: image_text.image_text_split,
+    bert_pretraining.NAME: bert_pretraining.bert_pretraining_split,
+}
+ARRAY_DATASETS: tuple[str, ...] = tuple(_LOADERS)
+DATASETS: tuple[str, ...] = (*_LOADERS, *_SPLIT_LOADERS)
 SPLITS: dict[str, tuple[str, ...] | None] = {
     "digits": ("train", "test", "all"),
     "codesearch": codesearch.SPLITS,
     "stdlib_text": stdlib_text.SPLITS,
     "npz": None,  # any name the user's files use
+    imagenet.NAME: imagenet.SPLITS,
+    image_text.NAME: image_text.SPLITS,
+    bert_pretraining.NAME: bert_pretraining.SPLITS,
 }
 _DESCRIPTIONS = {
     "digits": "scikit-learn 8x8 digits: image float32 [n,8,8,1] in [0,1], label int32 [n]",
     "codesearch": "stdlib docstring -> function source pairs: doc, code int32 byte tokens",
     "stdlib_text": "stdlib source as a byte LM stream: tokens int32 [n, seq_len + 1]",
     "npz": "user .npz files, one per split (path pattern with '{split}')",
+    imagenet.NAME: "ILSVRC-2012 from TFDS or ArrayRecord: image float32 [S,S,3], label int32",
+    image_text.NAME: "image-caption ArrayRecord pairs: image float32 [S,S,3], text int32 [T]",
+    bert_pretraining.NAME: "pre-masked BERT ArrayRecord examples (the 'mlm' task's fields)",
 }
 
 
-def _loader(name: str) -> Callable[..., dict[str, np.ndarray]]:
-    if name not in _LOADERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    return _LOADERS[name]
+def _loader(name: str) -> Callable[..., Any]:
+    if name in _LOADERS:
+        return _LOADERS[name]
+    if name in _SPLIT_LOADERS:
+        return _SPLIT_LOADERS[name]
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
 
 
 def dataset_options(name: str) -> dict[str, Any]:
@@ -69,19 +99,26 @@ def dataset_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in params.values() if p.kind is p.KEYWORD_ONLY}
 
 
-def load_arrays(name: str, split: str, **options: Any) -> dict[str, np.ndarray]:
-    """Loads one split of a registered dataset as a dict of arrays with a common leading axis.
+def load_split(name: str, split: str, **options: Any) -> DataSplit:
+    """Loads one split of any registered dataset, ready for the pipelines.
 
     Args:
       name: one of :data:`DATASETS`.
       split: one of ``SPLITS[name]``.
-      **options: dataset options, see :func:`dataset_options` (e.g. ``doc_len`` for codesearch,
-        ``seq_len`` and ``max_bytes`` for stdlib_text, ``path`` for npz).
+      **options: dataset options, see :func:`dataset_options`.
 
     Returns:
-      {feature: array [n, ...]}.
+      a :class:`DataSplit`: in-memory arrays for the bundled datasets, a record source with its
+      decoding / augmentation transforms for the file-backed ones.
     """
+    if name in _LOADERS:
+        return DataSplit(load_arrays(name, split, **options))
     loader = _loader(name)
+    _check_split_and_options(name, split, options)
+    return loader(split, **options)
+
+
+def _check_split_and_options(name: str, split: str, options: dict[str, Any]) -> None:
     valid_splits = SPLITS[name]
     if valid_splits is not None and split not in valid_splits:
         raise ValueError(
@@ -93,6 +130,39 @@ def load_arrays(name: str, split: str, **options: Any) -> dict[str, np.ndarray]:
         raise TypeError(
             f"unknown option(s) {unknown} for dataset {name!r}; accepted: {sorted(accepted)}"
         )
+    missing = sorted(
+        k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in options
+    )
+    if missing:
+        raise TypeError(
+            f"dataset {name!r} needs the option(s) {missing} (config.dataset.options.{missing[0]})"
+        )
+    if "data_dir" in accepted and not options.get("data_dir", True):
+        raise ValueError(
+            f"dataset {name!r} needs a data_dir (the directory of its files); set "
+            "--config.dataset.options.data_dir=DIR"
+        )
+
+
+def load_arrays(name: str, split: str, **options: Any) -> dict[str, np.ndarray]:
+    """Loads one split of an in-memory dataset as a dict of arrays with a common leading axis.
+
+    Args:
+      name: one of :data:`ARRAY_DATASETS`.
+      split: one of ``SPLITS[name]``.
+      **options: dataset options, see :func:`dataset_options` (e.g. ``doc_len`` for codesearch,
+        ``seq_len`` and ``max_bytes`` for stdlib_text, ``path`` for npz).
+
+    Returns:
+      {feature: array [n, ...]}.
+    """
+    loader = _loader(name)
+    if name not in _LOADERS:
+        raise ValueError(
+            f"dataset {name!r} is stored as record files and decoded on the fly; load it with "
+            f"load_split (in-memory datasets: {ARRAY_DATASETS})"
+        )
+    _check_split_and_options(name, split, options)
     arrays = loader(split, **options)
     files.check_arrays(arrays, what=f"{name}/{split}")
     return arrays

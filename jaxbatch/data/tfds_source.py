@@ -25,6 +25,7 @@ def tfds_data_source(
     split: str,
     data_dir: str | os.PathLike | None = None,
     decoders: Any = None,
+    skip_decoding: tuple[str, ...] = (),
     download: bool = False,
 ) -> Any:
     """A random-access TFDS data source, e.g. ``tfds_data_source('imagenet2012', split='train')``.
@@ -34,6 +35,8 @@ def tfds_data_source(
       split: TFDS split string ('train', 'validation', 'train[:1%]', ...).
       data_dir: directory holding the prepared dataset (default: TFDS's).
       decoders: TFDS decoders, e.g. ``{'image': tfds.decode.SkipDecoding()}`` to decode later.
+      skip_decoding: features to leave encoded (added to ``decoders`` as ``SkipDecoding``), e.g.
+        ``('image',)`` to decode and crop with Pillow in the pipeline instead.
       download: let TFDS download and prepare the data (off by default: pod jobs should read
         data prepared once, not start a download on every host).
 
@@ -47,6 +50,8 @@ def tfds_data_source(
         import tensorflow_datasets as tfds
     except ImportError as err:
         raise ImportError(_INSTALL_HINT) from err
+    if skip_decoding:
+        decoders = {**(decoders or {}), **{f: tfds.decode.SkipDecoding() for f in skip_decoding}}
     return tfds.data_source(
         name, split=split, data_dir=data_dir, decoders=decoders, download=download
     )

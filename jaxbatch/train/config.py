@@ -43,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict()
     c.dataset.name = ""
     c.dataset.options = ml_collections.ConfigDict()
+    # contrastive task: the (x, y) fields of a pair, e.g. ('image', 'text') for image_text
+    c.dataset.pair_fields = ("doc", "code")
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""
@@ -133,6 +135,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(cfg.task in TASKS, f"config.task={cfg.task!r}; expected one of {TASKS}")
     _require(cfg.dataset.name != "", "config.dataset.name is empty; name a bundled dataset")
     _require(cfg.model.name != "", "config.model.name is empty; name a model of jaxbatch.nn")
+    pair = tuple(cfg.dataset.pair_fields)
+    _require(
+        len(pair) == 2 and all(isinstance(f, str) and f for f in pair) and pair[0] != pair[1],
+        f"config.dataset.pair_fields={pair!r}; expected two different field names (x, y)",
+    )
     for key in ("batch_size", "reference_batch_size", "micro_batches", "eval_batch_size"):
         _require(
             isinstance(cfg[key], int) and cfg[key] > 0,

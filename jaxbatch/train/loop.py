@@ -61,11 +61,9 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _init_batch(arrays: dict, fields: tuple[str, ...]) -> dict:
-    missing = [f for f in fields if f not in arrays]
-    if missing:
-        raise ValueError(f"dataset lacks the field(s) {missing} that the task needs ({fields})")
-    return {f: np.asarray(arrays[f][:2]) for f in fields}
+def _init_batch(split: jdata.DataSplit) -> dict:
+    """The first two examples (through the evaluation transform): enough to trace init."""
+    return split.examples([0, 1] if len(split) > 1 else [0, 0])
 
 
 def state_shardings(
@@ -117,15 +115,16 @@ def traced_under_mesh(fn, mesh, rules=parallel.DEFAULT_RULES):
 def build(
     cfg: ml_collections.ConfigDict,
     *,
-    train_arrays: dict | None = None,
+    train_data: jdata.DataSplit | dict | None = None,
     devices: list | None = None,
 ) -> Run:
     """Everything up to (not including) the first step: nothing is allocated but the init batch.
 
     Args:
       cfg: a training config (validated and rescaled to its batch here).
-      train_arrays: the training split; only the first two rows of each field are used (to trace
-        init), so arrays of zeros with the right shapes build a run without data (the planner).
+      train_data: the training split (a ``DataSplit`` or a dict of arrays); only its first two
+        examples are used (to trace init), so arrays of zeros with the right shapes build a run
+        without data (the planner). Default: ``cfg.dataset``'s train split.
       devices: devices of the mesh; default all devices of all processes.
     """
     config_lib.validate(cfg)
@@ -141,9 +140,9 @@ def build(
         )
     rules = parallel.make_rules(cfg.sharding_rules.to_dict())
     task = tasks_lib.make_task(cfg, mesh)
-    if train_arrays is None:
-        train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
-    init_batch = _init_batch(train_arrays, task.fields)
+    if train_data is None:
+        train_data = jdata.load_split(cfg.dataset.name, "train", **cfg.dataset.options)
+    init_batch = _init_batch(jdata.as_split(train_data).select(task.fields))
 
     rng = jax.random.PRNGKey(cfg.seed)
     abstract_vars = jax.eval_shape(task.init_fn, rng, init_batch)
@@ -234,15 +233,20 @@ def _with_weights_from(run: Run, state, source: str):
     )
 
 
-def evaluate(run: Run, state, test_arrays: dict, *, use_ema: bool = False) -> dict[str, float]:
+def evaluate(
+    run: Run, state, test_data: jdata.DataSplit | dict, *, use_ema: bool = False
+) -> dict[str, float]:
     """The task's metrics on the whole test split (every example exactly once)."""
     cfg = run.cfg
     local = cfg.eval_batch_size // jax.process_count()
-    batches = jdata.make_eval_batches(
-        {f: test_arrays[f] for f in run.task.fields},
-        batch_size=local,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+    batches = (
+        jdata.as_split(test_data)
+        .select(run.task.fields)
+        .eval_batches(
+            batch_size=local,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
     )
     variables = step_lib.eval_variables(state, use_ema=use_ema)
     outputs: dict[str, list] = {}
@@ -283,8 +287,8 @@ def train(
     Returns:
       {'step', 'samples', 'train_loss', 'eval': {...}, 'eval_ema': {...}?, 'baseline': {...}?}.
     """
-    train_arrays = jdata.load_arrays(cfg.dataset.name, "train", **cfg.dataset.options)
-    run = build(cfg, train_arrays=train_arrays, devices=devices)
+    train_data = jdata.load_split(cfg.dataset.name, "train", **cfg.dataset.options)
+    run = build(cfg, train_data=train_data, devices=devices)
     cfg = run.cfg
     for change in run.changes:
         _log(
@@ -296,7 +300,7 @@ def train(
         f"{cfg.total_samples} samples = {cfg.schedule.warmup_samples // cfg.batch_size} and "
         f"{run.total_steps} steps at batch {cfg.batch_size}"
     )
-    test_arrays = jdata.load_arrays(cfg.dataset.name, "test", **cfg.dataset.options)
+    test_data = jdata.load_split(cfg.dataset.name, "test", **cfg.dataset.options)
     is_main = jax.process_index() == 0
     run_dir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
     if is_main:
@@ -306,8 +310,7 @@ def train(
     checkpointer = ckpt.Checkpointer(str(run_dir / "checkpoints"), max_to_keep=cfg.max_checkpoints)
     state, data_state = init_or_restore(run, checkpointer)
     local_batch = cfg.batch_size // jax.process_count()
-    iterator = jdata.make_train_iterator(
-        {f: train_arrays[f] for f in run.task.fields},
+    iterator = train_data.select(run.task.fields).train_iterator(
         batch_size=local_batch,
         seed=cfg.seed,
         shard_index=jax.process_index(),
@@ -351,7 +354,7 @@ def train(
                 raise FloatingPointError(f"loss is {values['loss']} at step {done}; stopping")
         bar.update(1)
         if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done != total:
-            _eval_and_log(run, state, test_arrays, writer, done)
+            _eval_and_log(run, state, test_data, writer, done)
         if (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done == end:
             checkpointer.save(done, state, iterator.get_state(), run.fingerprint)
     bar.close()
@@ -361,7 +364,7 @@ def train(
     if metrics is not None:
         summary["train_loss"] = _fetch(metrics)["loss"]
     if end == total:
-        summary.update(_eval_and_log(run, state, test_arrays, writer, end))
+        summary.update(_eval_and_log(run, state, test_data, writer, end))
         if run.task.baseline is not None:
             summary["baseline"] = run.task.baseline()
         if is_main:
@@ -376,11 +379,11 @@ def train(
     return summary
 
 
-def _eval_and_log(run: Run, state, test_arrays, writer, step: int) -> dict[str, Any]:
-    out = {"eval": evaluate(run, state, test_arrays)}
+def _eval_and_log(run: Run, state, test_data, writer, step: int) -> dict[str, Any]:
+    out = {"eval": evaluate(run, state, test_data)}
     writer.write(step, {**out["eval"], "samples": step * run.cfg.batch_size}, prefix="eval")
     if run.ema is not None:
-        out["eval_ema"] = evaluate(run, state, test_arrays, use_ema=True)
+        out["eval_ema"] = evaluate(run, state, test_data, use_ema=True)
         writer.write(
             step, {**out["eval_ema"], "samples": step * run.cfg.batch_size}, prefix="eval_ema"
         )

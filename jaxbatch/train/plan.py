@@ -141,7 +141,7 @@ def build_abstract(
 ) -> tuple[loop.Run, Any, Any]:
     """The run of ``cfg`` built from its example shapes (no data read), and its abstract inputs."""
     example = shapes.example_shapes(cfg)
-    run = loop.build(cfg, train_arrays=shapes.zero_examples(example), devices=devices)
+    run = loop.build(cfg, train_data=shapes.zero_examples(example), devices=devices)
     state, batch = abstract_inputs(run, example)
     return run, state, batch
 

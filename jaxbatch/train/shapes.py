@@ -5,12 +5,11 @@ dtype of every field the task reads, not the data. Each dataset a config may nam
 here computing them from ``config.dataset.options`` (with the loader's defaults):
 
 - bundled datasets (``jaxbatch.data``): 'digits', 'codesearch', 'stdlib_text';
-- pod-scale datasets, named by the pod configs and described by the example format a loader must
-  produce (not loadable by ``jaxbatch.data`` yet, see BUILD.md "Scale-out"):
+- pod-scale datasets, read from record files by ``jaxbatch.data`` (the files are not needed to
+  plan; their loaders produce exactly these shapes, which the tests check):
   'imagenet2012'      image float32 [S, S, 3] (decoded, cropped, normalised), label int32 [];
   'bert_pretraining'  the fields of ``jaxbatch.train.tasks_mlm`` ([L] ids, [P] predictions);
-  'image_text'        image-text pairs for the 'contrastive' task: x = image under 'doc',
-                      y = text tokens under 'code' (the field names that task reads).
+  'image_text'        image float32 [S, S, 3], text int32 [T] (``config.dataset.pair_fields``).
 """
 
 from __future__ import annotations
@@ -45,12 +44,12 @@ def _stdlib_text(o: Mapping[str, Any]) -> Shapes:
 
 
 def _imagenet(o: Mapping[str, Any]) -> Shapes:
-    size = o.get("image_size", 224)
+    size = o["image_size"]
     return {"image": _sds((size, size, 3), np.float32), "label": _sds((), np.int32)}
 
 
 def _bert(o: Mapping[str, Any]) -> Shapes:
-    length, preds = o.get("seq_len", 128), o.get("max_predictions", 20)
+    length, preds = o["seq_len"], o["max_predictions"]
     return {
         "input_ids": _sds((length,), np.int32),
         "masked_lm_positions": _sds((preds,), np.int32),
@@ -60,8 +59,8 @@ def _bert(o: Mapping[str, Any]) -> Shapes:
 
 
 def _image_text(o: Mapping[str, Any]) -> Shapes:
-    size, text_len = o.get("image_size", 224), o.get("text_len", 64)
-    return {"doc": _sds((size, size, 3), np.float32), "code": _sds((text_len,), np.int32)}
+    size, text_len = o["image_size"], o["text_len"]
+    return {"image": _sds((size, size, 3), np.float32), "text": _sds((text_len,), np.int32)}
 
 
 _BUNDLED: dict[str, Callable[[Mapping[str, Any]], Shapes]] = {
@@ -74,13 +73,6 @@ _POD: dict[str, Callable[[Mapping[str, Any]], Shapes]] = {
     "bert_pretraining": _bert,
     "image_text": _image_text,
 }
-POD_DATASET_OPTIONS: dict[str, tuple[str, ...]] = {
-    "imagenet2012": ("image_size", "data_dir"),
-    "bert_pretraining": ("seq_len", "max_predictions", "data_dir"),
-    "image_text": ("image_size", "text_len", "data_dir"),
-}
-"""Options each pod-scale dataset accepts in ``config.dataset.options``."""
-
 SHAPE_DATASETS: tuple[str, ...] = (*_BUNDLED, *_POD)
 
 
@@ -98,19 +90,14 @@ def example_shapes(cfg: ml_collections.ConfigDict) -> Shapes:
     """
     name = cfg.dataset.name
     options = dict(cfg.dataset.options.to_dict()) if cfg.dataset.options else {}
-    if name in _BUNDLED:
-        accepted = jdata.dataset_options(name)
-        full = {**accepted, **options}
-        fn = _BUNDLED[name]
-    elif name in _POD:
-        accepted = POD_DATASET_OPTIONS[name]
-        full = options
-        fn = _POD[name]
-    else:
+    fn = _BUNDLED.get(name) or _POD.get(name)
+    if fn is None:
         raise ValueError(
             f"config.dataset.name={name!r} has no shape function for planning; expected one of "
             f"{SHAPE_DATASETS}"
         )
+    accepted = jdata.dataset_options(name)
+    full = {**accepted, **options}  # required options (data_dir) are not read by fn
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(

@@ -139,15 +139,16 @@ def contrastive_loss_fn(loss_cfg, mesh=None):
 def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     loss_cfg = cfg.loss
     loss_of = contrastive_loss_fn(loss_cfg, mesh)
+    x_field, y_field = cfg.dataset.pair_fields
 
     def init_fn(rng, batch):
-        return model.init(rng, batch["doc"], batch["code"], train=False)
+        return model.init(rng, batch[x_field], batch[y_field], train=False)
 
     def loss_fn(params, model_state, batch, rng):
         zx, zy, scale, bias = model.apply(
             {"params": params, **model_state},
-            batch["doc"],
-            batch["code"],
+            batch[x_field],
+            batch[y_field],
             train=True,
             rngs={"dropout": rng},
         )
@@ -155,7 +156,7 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
         return loss, ({"logit_scale": scale}, model_state)
 
     def eval_fn(variables, batch):
-        zx, zy, _, _ = model.apply(variables, batch["doc"], batch["code"], train=False)
+        zx, zy, _, _ = model.apply(variables, batch[x_field], batch[y_field], train=False)
         return {"zx": zx, "zy": zy}
 
     def summarize(out):
@@ -174,7 +175,7 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
     return Task(
         "contrastive",
         model,
-        ("doc", "code"),
+        (x_field, y_field),
         init_fn,
         loss_fn,
         eval_fn,

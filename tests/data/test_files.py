@@ -75,3 +75,27 @@ def test_array_record_errors(tmp_path):
         files.ArrayRecordExamples(tmp_path / "nothing.arrayrecord")
     with pytest.raises(ValueError, match="no examples"):
         files.write_array_record(tmp_path / "empty.arrayrecord", {"a": np.zeros((0,))})
+
+
+def test_example_shards_round_trip_and_completeness(tmp_path):
+    examples = [{"x": np.arange(3) + i, "label": np.int32(i)} for i in range(7)]
+    paths, count = files.write_example_shards(
+        examples, out_dir=tmp_path, name="toy", split="train", num_shards=3
+    )
+    assert count == 7 and [p.rsplit("/", 1)[1] for p in paths] == [
+        f"toy-train.array_record-0000{i}-of-00003" for i in range(3)
+    ]
+    source = files.ArrayRecordExamples(files.shard_paths(tmp_path, "toy", "train"))
+    got = sorted(int(e["label"]) for e in source)  # shard i holds examples i, i + 3, ...
+    assert got == list(range(7))
+    with pytest.raises(FileExistsError, match="another shard count"):
+        files.write_example_shards(examples, out_dir=tmp_path, name="toy", split="train")
+    (tmp_path / "toy-train.array_record-00001-of-00003").unlink()
+    with pytest.raises(FileNotFoundError, match=r"shards \[1\] of 3 are missing"):
+        files.shard_paths(tmp_path, "toy", "train")
+    with pytest.raises(FileNotFoundError, match="toy-test.array_record"):
+        files.shard_paths(tmp_path, "toy", "test")
+    with pytest.raises(ValueError, match="no examples"):
+        files.write_example_shards([], out_dir=tmp_path, name="toy", split="val")
+    with pytest.raises(ValueError, match="plain identifier"):
+        files.write_example_shards(examples, out_dir=tmp_path, name="a/b", split="train")

@@ -196,3 +196,74 @@ def test_data_errors():
         pipeline.make_eval_batches({"mask": np.ones(4)}, batch_size=2)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         pipeline.make_eval_batches(_data(), batch_size=-2)
+
+
+def _noise(example, rng):
+    """An augmentation whose output reveals the RNG it was given: the example id and one draw."""
+    return {"id": example["id"], "draw": rng.random(1)}
+
+
+def _augmented(n=40, epochs=2, **kwargs):
+    it = pipeline.make_train_iterator(
+        {"id": np.arange(n)}, seed=3, random_transform=_noise, num_epochs=epochs, **kwargs
+    )
+    return list(it)
+
+
+def _draws_by_epoch_and_id(batches, steps_per_epoch):
+    out = {}
+    for step, batch in enumerate(batches):
+        for i, d in zip(batch["id"], batch["draw"][:, 0], strict=True):
+            out[(step // steps_per_epoch, int(i))] = d
+    return out
+
+
+def test_augmentation_rng_does_not_depend_on_batch_size_or_process_count():
+    """Example j of an epoch gets the same random crop however the epoch is cut or sharded."""
+    reference = _draws_by_epoch_and_id(_augmented(batch_size=8), steps_per_epoch=5)
+    assert len(reference) == 80
+    assert len(set(reference.values())) == 80  # every (epoch, example) gets its own draw
+    by_4 = _draws_by_epoch_and_id(_augmented(batch_size=4), steps_per_epoch=10)
+    assert by_4 == reference
+    shards = [_augmented(batch_size=4, shard_index=p, shard_count=2) for p in range(2)]
+    merged = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in zip(*shards, strict=True)]
+    assert _draws_by_epoch_and_id(merged, steps_per_epoch=5) == reference
+
+
+def test_augmentation_differs_between_epochs_and_seeds_and_resumes():
+    draws = _draws_by_epoch_and_id(_augmented(batch_size=8), steps_per_epoch=5)
+    assert all(draws[(0, i)] != draws[(1, i)] for i in range(40))
+    other_seed = pipeline.make_train_iterator(
+        {"id": np.arange(40)}, batch_size=8, seed=4, random_transform=_noise
+    )
+    first = next(other_seed)
+    assert not any(
+        draws[(0, int(i))] == d for i, d in zip(first["id"], first["draw"][:, 0], strict=True)
+    )
+
+    it = pipeline.make_train_iterator(
+        {"id": np.arange(40)}, batch_size=8, seed=3, random_transform=_noise
+    )
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = [next(it) for _ in range(3)]
+    resumed = pipeline.make_train_iterator(
+        {"id": np.arange(40)}, batch_size=8, seed=3, random_transform=_noise
+    )
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["id"], want["id"])
+        np.testing.assert_array_equal(got["draw"], want["draw"])
+
+
+def test_transform_and_random_transform_are_exclusive():
+    with pytest.raises(ValueError, match="not both"):
+        pipeline.make_train_iterator(
+            {"id": np.arange(8)},
+            batch_size=2,
+            seed=0,
+            transform=lambda e: e,
+            random_transform=_noise,
+        )

@@ -9,7 +9,32 @@ from jaxbatch.data import digits, registry, stdlib_text
 
 
 def test_names():
-    assert registry.DATASETS == ("digits", "codesearch", "stdlib_text", "npz")
+    assert registry.ARRAY_DATASETS == ("digits", "codesearch", "stdlib_text", "npz")
+    assert registry.DATASETS == (
+        *registry.ARRAY_DATASETS,
+        "imagenet2012",
+        "image_text",
+        "bert_pretraining",
+    )
+
+
+def test_load_split_of_arrays_equals_load_arrays():
+    split = registry.load_split("digits", "test")
+    assert split.is_arrays and split.transform is None and len(split) == 360
+    np.testing.assert_array_equal(
+        split.data["label"], registry.load_arrays("digits", "test")["label"]
+    )
+
+
+def test_record_datasets_need_load_split_and_data_dir(tmp_path):
+    with pytest.raises(ValueError, match="load_split"):
+        registry.load_arrays("imagenet2012", "train", data_dir=str(tmp_path))
+    with pytest.raises(TypeError, match=r"needs the option\(s\) \['data_dir'\]"):
+        registry.load_split("image_text", "train")
+    with pytest.raises(FileNotFoundError, match="bert_pretraining-train.array_record"):
+        registry.load_split("bert_pretraining", "train", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        registry.load_split("imagenet2012", "validation", data_dir=str(tmp_path))
 
 
 def test_dispatch_equals_loader():

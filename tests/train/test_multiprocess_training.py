@@ -44,7 +44,7 @@ def _run_two_processes(workdir: Path, out: Path) -> None:
 def _train_steps(cfg, devices, steps: int):
     """Single-process reference: the trainer's build/init and data order, `steps` steps."""
     arrays = jdata.load_arrays("digits", "train")
-    run = loop.build(cfg, train_arrays=arrays, devices=devices)
+    run = loop.build(cfg, train_data=arrays, devices=devices)
     state, _ = loop.init_or_restore(run, None)
     it = jdata.make_train_iterator(
         {f: arrays[f] for f in run.task.fields}, batch_size=cfg.batch_size, seed=cfg.seed

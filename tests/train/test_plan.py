@@ -53,7 +53,7 @@ def test_plan_agrees_with_a_real_scaled_down_run(eight_devices, small_plan):
         "image": rng.normal(size=(cfg.batch_size, *example["image"].shape)).astype(np.float32),
         "label": rng.integers(0, 16, size=(cfg.batch_size,)).astype(np.int32),
     }
-    run = loop.build(cfg, train_arrays=arrays)
+    run = loop.build(cfg, train_data=arrays)
     state, _ = loop.init_or_restore(run, None)
     batch = parallel.make_global_batch(arrays, run.mesh)
     memory = run.train_step.lower(state, batch).compile().memory_analysis()

@@ -68,7 +68,7 @@ def trajectories(eight_devices, train_arrays):
     out = {}
     for mesh in MESHES:
         cfg = make_config(mesh)
-        run = loop.build(cfg, train_arrays=train_arrays, devices=mesh_devices(mesh, eight_devices))
+        run = loop.build(cfg, train_data=train_arrays, devices=mesh_devices(mesh, eight_devices))
         state, _ = loop.init_or_restore(run, None)
         it = jdata.make_train_iterator(
             {f: train_arrays[f] for f in run.task.fields}, batch_size=cfg.batch_size, seed=cfg.seed
@@ -197,7 +197,7 @@ def test_bad_sharding_input_fails_in_build_before_training(
 ):
     cfg = make_config(mesh, *extra)
     with pytest.raises(ValueError, match=pattern):
-        loop.build(cfg, train_arrays=train_arrays, devices=eight_devices)
+        loop.build(cfg, train_data=train_arrays, devices=eight_devices)
 
 
 def test_checkpoint_resumes_on_a_different_mesh(eight_devices, trajectories, tmp_path):
