@@ -69,7 +69,7 @@ def _batch_size(batch, micro_batches: int) -> int:
     return next(iter(sizes.values()))
 
 
-def _split(batch, micro_batches: int):
+def split_micro_batches(batch, micro_batches: int):
     """[B, ...] -> [k, B/k, ...], micro-batch j holding examples j, j + k, j + 2k, ...
 
     Strided rather than contiguous: a batch sharded along B keeps every micro-batch spread over
@@ -82,6 +82,17 @@ def _split(batch, micro_batches: int):
         return jnp.swapaxes(x, 0, 1)
 
     return jax.tree.map(leaf, batch)
+
+
+def merge_micro_batches(tree, micro_batches: int):
+    """Inverse of :func:`split_micro_batches`: [k, B/k, ...] -> [B, ...] in the original order."""
+
+    def leaf(x):
+        if x.shape[0] != micro_batches:
+            raise ValueError(f"leading dim {x.shape[0]} is not micro_batches={micro_batches}")
+        return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+    return jax.tree.map(leaf, tree)
 
 
 def accumulate(
@@ -199,7 +210,7 @@ def accumulate(
         if params is None or batch is None:
             raise ValueError("accumulate with grad_fn= needs params and batch=")
         batch_size = _batch_size(batch, micro_batches)
-        micro = _split(batch, micro_batches)
+        micro = split_micro_batches(batch, micro_batches)
         grads_like, aux_like = jax.eval_shape(
             lambda p, m: grad_fn(p, jax.tree.map(lambda x: x[0], m)), params, micro
         )

@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.eval_every_steps = 0  # 0 = only at the end
     c.eval_batch_size = 512
+    # Precise BN (jaxbatch.train.precise_bn): before every evaluation, replace the running
+    # batch-norm statistics by their average over this many training batches; 0 = off.
+    c.precise_bn_batches = 0
     c.checkpoint_every_steps = 0  # 0 = only at the end
     # Start from the weights (params, batch statistics) of an earlier run: its workdir. Used only
     # when this run has no checkpoint of its own; optimizer state and step start fresh.
@@ -181,6 +184,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         _require(cfg[key] >= 0, f"config.{key}={cfg[key]}; expected >= 0")
+    _require(
+        isinstance(cfg.precise_bn_batches, int) and cfg.precise_bn_batches >= 0,
+        f"config.precise_bn_batches={cfg.precise_bn_batches!r}; expected an integer >= 0",
+    )
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

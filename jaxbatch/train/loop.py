@@ -26,6 +26,7 @@ from jaxbatch import data as jdata
 from jaxbatch import parallel
 from jaxbatch.train import checkpoint as ckpt
 from jaxbatch.train import config as config_lib
+from jaxbatch.train import grad_cache, precise_bn
 from jaxbatch.train import metrics as metrics_lib
 from jaxbatch.train import optimizer as optimizer_lib
 from jaxbatch.train import step as step_lib
@@ -295,6 +296,11 @@ def train(
             f"scaling: {change.key} {change.old:g} -> {change.new:g} ({change.rule}, "
             f"batch {cfg.reference_batch_size} -> {cfg.batch_size})"
         )
+    if grad_cache.applies(run.task, cfg.micro_batches):
+        _log(
+            f"micro_batches={cfg.micro_batches} with a contrastive loss: gradients through cached "
+            "embeddings (the full-batch loss over all pairs; one extra forward pass per step)"
+        )
     _log(
         f"schedule in samples: warm-up {cfg.schedule.warmup_samples} and total "
         f"{cfg.total_samples} samples = {cfg.schedule.warmup_samples // cfg.batch_size} and "
@@ -353,7 +359,10 @@ def train(
             if not np.isfinite(values["loss"]):
                 raise FloatingPointError(f"loss is {values['loss']} at step {done}; stopping")
         bar.update(1)
-        if cfg.eval_every_steps and done % cfg.eval_every_steps == 0 and done != total:
+        eval_now = bool(cfg.eval_every_steps) and done % cfg.eval_every_steps == 0
+        if cfg.precise_bn_batches and (eval_now or done == total):
+            state = with_precise_bn(run, state, train_data)  # before the save: checkpoints
+        if eval_now and done != total:  # hold the statistics that were evaluated
             _eval_and_log(run, state, test_data, writer, done)
         if (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done == end:
             checkpointer.save(done, state, iterator.get_state(), run.fingerprint)
@@ -377,6 +386,41 @@ def train(
     writer.close()
     summary["state"] = state
     return summary
+
+
+def with_precise_bn(run: Run, state, train_data: jdata.DataSplit):
+    """``state`` with the batch statistics of its parameters (and of its EMA's) recomputed over
+    ``config.precise_bn_batches`` training batches (``precise_bn``); unchanged without BN.
+
+    The batches are the first ones of a fixed shuffle of the training split (seed + 1), so the
+    statistics depend only on the parameters: a resumed run recomputes the same ones. They have
+    the micro-batch size (batch_size / micro_batches), whose activations the step already fits.
+    """
+    cfg = run.cfg
+    if not precise_bn.has_batch_stats(state.model_state):
+        return state
+    iterator = train_data.select(run.task.fields).train_iterator(
+        batch_size=cfg.batch_size // cfg.micro_batches // jax.process_count(),
+        seed=cfg.seed + 1,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    batches = [
+        parallel.make_global_batch(next(iterator), run.mesh) for _ in range(cfg.precise_bn_batches)
+    ]
+    stats_fn = jax.jit(traced_under_mesh(precise_bn.make_stats_fn(run.task), run.mesh, run.rules))
+    model_state = precise_bn.recompute_batch_stats(
+        stats_fn, state.params, state.model_state, batches
+    )
+    state = state.replace(model_state=model_state)
+    if run.ema is not None:
+        ema = dict(state.ema_state.ema)
+        ema_params = ema.pop("params")
+        ema_state = precise_bn.recompute_batch_stats(stats_fn, ema_params, ema, batches)
+        state = state.replace(
+            ema_state=state.ema_state._replace(ema={"params": ema_params, **ema_state})
+        )
+    return state
 
 
 def _eval_and_log(run: Run, state, test_data, writer, step: int) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The train state and the one jitted, donated train step.
 
-step: accumulate (lax.scan over micro-batches of the loss gradient) → optimizer → apply → model EMA
-→ gradient-noise statistics. The step is a pure function of (state, batch); the loop jits it with
+step: accumulate (lax.scan over micro-batches of the loss gradient; for contrastive losses through
+cached embedding gradients, ``grad_cache``) → optimizer → apply → model EMA → gradient-noise
+statistics. The step is a pure function of (state, batch); the loop jits it with
 the state's shardings and donates the state.
 """
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxbatch import stats
+from jaxbatch.train import grad_cache
 from jaxbatch.train.tasks import Task, split_variables
 
 # Smoothing of the |G|^2 and tr(Sigma) estimates before their ratio B_simple (McCandlish et al.).
@@ -88,9 +90,19 @@ def aux_shapes(task: Task, params: Any, model_state: Any, micro_batch: dict) -> 
 def make_train_step(task: Task, tx, ema, *, micro_batches: int):
     """The pure train step ``(state, batch) -> (state, metrics)``."""
 
+    cached = grad_cache.applies(task, micro_batches)
+
     def train_step(state: TrainState, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-        grad_fn = grad_fn_for(task, state.model_state, step_rng)
+        if cached:  # the full-batch contrastive loss at the memory of one micro-batch
+            batch, d_shared, loss, loss_metrics = grad_cache.embedding_cotangents(
+                task, state.params, state.model_state, batch, step_rng, micro_batches
+            )
+            grad_fn = grad_cache.grad_fn_for(
+                task, state.model_state, step_rng, d_shared, loss, loss_metrics
+            )
+        else:
+            grad_fn = grad_fn_for(task, state.model_state, step_rng)
         updates, opt_state = tx.update(
             None, state.opt_state, state.params, grad_fn=grad_fn, batch=batch
         )
@@ -108,7 +120,7 @@ def make_train_step(task: Task, tx, ema, *, micro_batches: int):
         metrics["grad_norm"] = jnp.sqrt(noise_stats.sq_norm_big)
         metrics["update_norm"] = optax.global_norm(updates)
         noise = state.noise
-        if micro_batches > 1:
+        if micro_batches > 1 and not cached:
             g2, trace = stats.noise_scale_from_two_batches(
                 noise_stats.sq_norm_small,
                 noise_stats.sq_norm_big,

@@ -49,6 +49,12 @@ class Task:
     summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
     primary_metric: str
     baseline: Callable[[], dict[str, float]] | None = None
+    # Losses over the whole batch of embeddings (contrastive) also give these two, so that
+    # gradient accumulation can cache embedding gradients (jaxbatch.train.grad_cache):
+    # embed_fn(params, model_state, batch, rng) -> ((per_example, shared), new_model_state) and
+    # pair_loss_fn(per_example, shared) -> (loss, metrics), with loss_fn their composition.
+    embed_fn: Callable[..., tuple[Any, Any]] | None = None
+    pair_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]] | None = None
 
 
 def _classification(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
@@ -144,7 +150,7 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
     def init_fn(rng, batch):
         return model.init(rng, batch[x_field], batch[y_field], train=False)
 
-    def loss_fn(params, model_state, batch, rng):
+    def embed_fn(params, model_state, batch, rng):
         zx, zy, scale, bias = model.apply(
             {"params": params, **model_state},
             batch[x_field],
@@ -152,8 +158,16 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
             train=True,
             rngs={"dropout": rng},
         )
-        loss = loss_of(zx, zy, scale, bias)
-        return loss, ({"logit_scale": scale}, model_state)
+        return ((zx, zy), (scale, bias)), model_state
+
+    def pair_loss_fn(embeddings, shared):
+        (zx, zy), (scale, bias) = embeddings, shared
+        return loss_of(zx, zy, scale, bias), {"logit_scale": scale}
+
+    def loss_fn(params, model_state, batch, rng):
+        (embeddings, shared), model_state = embed_fn(params, model_state, batch, rng)
+        loss, metrics = pair_loss_fn(embeddings, shared)
+        return loss, (metrics, model_state)
 
     def eval_fn(variables, batch):
         zx, zy, _, _ = model.apply(variables, batch[x_field], batch[y_field], train=False)
@@ -182,6 +196,8 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
         summarize,
         "recall@1",
         baseline if cfg.dataset.name == "codesearch" else None,
+        embed_fn=embed_fn,
+        pair_loss_fn=pair_loss_fn,
     )
 
 
