@@ -4,8 +4,6 @@ import numpy as np
 import pytest
 
 from jaxbatch.data import bert_pretraining, files, registry
-from jaxbatch.train import config as config_lib
-from jaxbatch.train import shapes
 from jaxbatch.train.tasks_mlm import MLM_FIELDS
 
 
@@ -30,17 +28,6 @@ def test_examples_are_the_written_records_with_task_dtypes(bert_pretraining_dir)
     weights = got["masked_lm_weights"]
     assert ids.dtype == pos.dtype == np.int32 and weights.dtype == np.float32
     assert set(np.unique(weights)) <= {0.0, 1.0} and weights.sum() > 0
-
-
-def test_loader_shapes_match_what_the_planner_assumes(bert_pretraining_dir):
-    cfg = config_lib.load_config(
-        "configs/bert_lamb.py:runlocal", [f"dataset.options.data_dir={bert_pretraining_dir}"]
-    )
-    planned = shapes.example_shapes(cfg)
-    got = registry.load_split("bert_pretraining", "train", **cfg.dataset.options).examples([0])
-    assert {k: (v.shape[1:], v.dtype) for k, v in got.items()} == {
-        k: (s.shape, s.dtype) for k, s in planned.items()
-    }
 
 
 def test_other_lengths_than_the_config_are_refused_before_training(bert_pretraining_dir):
