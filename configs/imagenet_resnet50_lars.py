@@ -46,6 +46,7 @@ def get_config(arg: str | None = None):
     c.dataset.name = "imagenet2012"
     c.dataset.options.image_size = 224
     c.dataset.options.data_dir = ""  # set on the command line: the TFDS data_dir
+    c.dataset.transform_threads = 16  # JPEG decode + crop of a batch; Pillow releases the GIL
     c.dataset.options.format = "tfds"  # or 'array_record' (scripts/prepare_image_folder.py)
     c.dataset.options.min_crop_area = 0.08  # Inception crop: 8 %-100 % of the image
 

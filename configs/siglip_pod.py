@@ -44,6 +44,7 @@ def get_config(arg: str | None = None):
     c.dataset.options.image_size = 224
     c.dataset.options.text_len = 64
     c.dataset.options.data_dir = ""  # set on the command line
+    c.dataset.transform_threads = 16  # JPEG decode + crop of a batch; Pillow releases the GIL
 
     c.model.name = "dual_encoder"
     c.model.embed_dim = 768

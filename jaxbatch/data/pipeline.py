@@ -18,6 +18,7 @@ on the batch size, the number of processes or where a run was resumed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import math
@@ -65,15 +66,38 @@ def _read(data: Data, indices: np.ndarray) -> list[Example]:
     return [data[int(i)] for i in indices]
 
 
-def _fetcher(data: Data, transform: Transform | None) -> Callable[[np.ndarray], Example]:
+class _Mapper:
+    """``map(fn, *iterables)`` as a list: in this thread, or over a thread pool created on first
+    use (decoding and resizing images in Pillow release the GIL, so threads run in parallel)."""
+
+    def __init__(self, threads: int):
+        if not isinstance(threads, int | np.integer) or threads < 1:
+            raise ValueError(f"transform_threads must be a positive integer, got {threads!r}")
+        self.threads = int(threads)
+        self._pool = None
+
+    def __call__(self, fn, *iterables) -> list:
+        if self.threads == 1:
+            return list(map(fn, *iterables))
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.threads, thread_name_prefix="jaxbatch-transform"
+            )
+        return list(self._pool.map(fn, *iterables))
+
+
+def _fetcher(
+    data: Data, transform: Transform | None, threads: int = 1
+) -> Callable[[np.ndarray], Example]:
     """Returns fetch(indices) -> dict of stacked arrays [len(indices), ...]."""
     if isinstance(data, Mapping) and transform is None:
         return lambda indices: {k: np.asarray(v)[indices] for k, v in data.items()}
+    mapper = _Mapper(threads)
 
     def fetch(indices: np.ndarray) -> Example:
         examples = _read(data, indices)
         if transform is not None:
-            examples = [transform(e) for e in examples]
+            examples = mapper(transform, examples)
         return _stack(examples)
 
     return fetch
@@ -92,21 +116,19 @@ def _augmented_fetcher(
     batch_size: int,
     shard_index: int,
     shard_count: int,
+    threads: int = 1,
 ) -> Callable[[int, np.ndarray], Example]:
     """fetch(i, indices) for the i-th batch of this process: each example gets its own RNG keyed
     by (seed, epoch, position in the epoch's permutation), see the module docstring."""
     key = _hashed_seed("augment", seed)
+    mapper = _Mapper(threads)
 
     def fetch(i: int, indices: np.ndarray) -> Example:
         epoch, step = divmod(int(i), local_steps)
         first = (step * shard_count + shard_index) * batch_size
         examples = _read(data, indices)
-        return _stack(
-            [
-                random_transform(e, np.random.default_rng((key, epoch, first + j)))
-                for j, e in enumerate(examples)
-            ]
-        )
+        rngs = [np.random.default_rng((key, epoch, first + j)) for j in range(len(examples))]
+        return _stack(mapper(random_transform, examples, rngs))
 
     return fetch
 
@@ -160,6 +182,7 @@ def make_train_iterator(
     drop_remainder: bool = True,
     transform: Transform | None = None,
     random_transform: RandomTransform | None = None,
+    transform_threads: int = 1,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.DatasetIterator:
     """Shuffled training batches of this process's shard, as a checkpointable grain iterator.
@@ -181,6 +204,8 @@ def make_train_iterator(
       random_transform: per-example augmentation ``(example, rng) -> example`` applied before
         batching instead of ``transform``; ``rng`` is a ``np.random.Generator`` keyed by (seed,
         epoch, position in the epoch), so resumed and re-sharded runs see the same crops.
+      transform_threads: threads applying the transform to the examples of one batch (the
+        result does not depend on it).
       read_options: grain reader threads / buffer; default :func:`default_read_options`.
 
     Returns:
@@ -219,7 +244,7 @@ def make_train_iterator(
     local_steps = len(ds)
     ds = ds.repeat(num_epochs)
     if random_transform is None:
-        fetch = _fetcher(data, transform)
+        fetch = _fetcher(data, transform, transform_threads)
         _check_example(fetch)
         ds = ds.map(fetch)
     else:
@@ -231,6 +256,7 @@ def make_train_iterator(
             batch_size=batch_size,
             shard_index=shard_index,
             shard_count=shard_count,
+            threads=transform_threads,
         )
         _check_example(functools.partial(fetch_augmented, 0))
         ds = ds.map_with_index(fetch_augmented)
@@ -244,6 +270,7 @@ def make_eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     transform: Transform | None = None,
+    transform_threads: int = 1,
 ) -> grain.MapDataset:
     """Every example exactly once, in order, in fixed-shape batches with a boolean 'mask'.
 
@@ -257,6 +284,7 @@ def make_eval_batches(
       shard_index: this process's index.
       shard_count: number of processes.
       transform: per-example function applied before batching.
+      transform_threads: threads applying the transform to the examples of one batch.
 
     Returns:
       a ``grain.MapDataset`` (``len``, indexing, iteration) of dicts of arrays
@@ -264,7 +292,7 @@ def make_eval_batches(
     """
     _check_sharding(batch_size, shard_index, shard_count)
     n = _num_examples(data)
-    fetch = _fetcher(data, transform)
+    fetch = _fetcher(data, transform, transform_threads)
     template = _check_example(fetch)
     if MASK_KEY in template:
         raise ValueError(f"examples already have a {MASK_KEY!r} key; eval batches add their own")

@@ -45,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset.options = ml_collections.ConfigDict()
     # contrastive task: the (x, y) fields of a pair, e.g. ('image', 'text') for image_text
     c.dataset.pair_fields = ("doc", "code")
+    # Threads per process that decode / crop the examples of one batch (Pillow releases the
+    # GIL, so JPEG datasets scale with them); in-memory datasets have nothing to decode.
+    c.dataset.transform_threads = 1
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""
@@ -184,6 +187,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         _require(cfg[key] >= 0, f"config.{key}={cfg[key]}; expected >= 0")
+    _require(
+        isinstance(cfg.dataset.transform_threads, int) and cfg.dataset.transform_threads >= 1,
+        f"config.dataset.transform_threads={cfg.dataset.transform_threads!r}; expected an "
+        "integer >= 1",
+    )
     _require(
         isinstance(cfg.precise_bn_batches, int) and cfg.precise_bn_batches >= 0,
         f"config.precise_bn_batches={cfg.precise_bn_batches!r}; expected an integer >= 0",

@@ -244,6 +244,7 @@ def evaluate(
         jdata.as_split(test_data)
         .select(run.task.fields)
         .eval_batches(
+            transform_threads=cfg.dataset.transform_threads,
             batch_size=local,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
@@ -321,6 +322,7 @@ def train(
         seed=cfg.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        transform_threads=cfg.dataset.transform_threads,
     )
     if data_state is not None:
         iterator.set_state(data_state)
@@ -404,6 +406,7 @@ def with_precise_bn(run: Run, state, train_data: jdata.DataSplit):
         seed=cfg.seed + 1,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
+        transform_threads=cfg.dataset.transform_threads,
     )
     batches = [
         parallel.make_global_batch(next(iterator), run.mesh) for _ in range(cfg.precise_bn_batches)

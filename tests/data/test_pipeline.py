@@ -267,3 +267,34 @@ def test_transform_and_random_transform_are_exclusive():
             transform=lambda e: e,
             random_transform=_noise,
         )
+
+
+def test_transform_threads_do_not_change_the_batches():
+    data = {"id": np.arange(40)}
+
+    def tag(example):
+        return {"id": example["id"], "twice": example["id"] * 2}
+
+    for kwargs in ({"random_transform": _noise}, {"transform": tag}):
+        one, four = (
+            list(
+                pipeline.make_train_iterator(
+                    data, batch_size=8, seed=3, num_epochs=2, transform_threads=t, **kwargs
+                )
+            )
+            for t in (1, 4)
+        )
+        assert len(one) == len(four) == 10
+        for a, b in zip(one, four, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+    serial, threaded = (
+        list(pipeline.make_eval_batches(data, batch_size=7, transform=tag, transform_threads=t))
+        for t in (1, 3)
+    )
+    for a, b in zip(serial, threaded, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError, match="transform_threads must be a positive integer, got 0"):
+        pipeline.make_train_iterator(data, batch_size=8, seed=0, transform=tag, transform_threads=0)
