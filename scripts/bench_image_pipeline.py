@@ -3,8 +3,9 @@
 Writes synthetic ImageNet-sized JPEGs (500×375, smooth colour fields with noise, ~60 KB each, close
 to ILSVRC's mean size) as 'imagenet2012' ArrayRecord shards in a temporary directory, then times
 batches of the training pipeline (Inception crop + flip) and the evaluation pipeline (central
-crop) at 224×224 for several ``transform_threads``. Speed is reported as images/s and as the ratio
-to one thread in the same run:
+crop) at 224×224 for several ``transform_threads``, one batch at a time (in training grain also
+prepares batches ahead in its reader threads). Speed is reported as images/s and as the ratio to
+one thread in the same run:
 
   python scripts/bench_image_pipeline.py [--images 512] [--threads 1 2 4] \\
       [--out bench_results/bench_image_pipeline.json]
@@ -18,6 +19,7 @@ import os
 import tempfile
 import time
 
+import grain
 import numpy as np
 
 from jaxbatch.data import files, imagenet, images
@@ -37,8 +39,13 @@ def synthetic_jpegs(count: int, *, width=500, height=375, seed=0):
         yield {"image": np.frombuffer(jpeg, np.uint8), "label": np.int32(i % 1000)}
 
 
+# One batch at a time (grain would otherwise prepare several batches in parallel and hide how
+# the work on one batch scales with its threads).
+SERIAL = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+
+
 def _time(iterate, batches: int) -> float:
-    next(iterate)  # first batch: thread start-up, file opening
+    next(iterate)  # first batch: file opening, thread start-up
     start = time.perf_counter()
     for _ in range(batches):
         next(iterate)
@@ -51,9 +58,12 @@ def bench(data_dir: str, *, threads: list[int], batch_size: int, batches: int) -
         for t in threads:
             split = imagenet.imagenet_split("train", data_dir=data_dir, format="array_record")
             if mode == "train":
-                it = split.train_iterator(batch_size=batch_size, seed=0, transform_threads=t)
+                it = split.train_iterator(
+                    batch_size=batch_size, seed=0, transform_threads=t, read_options=SERIAL
+                )
             else:
-                it = iter(split.eval_batches(batch_size=batch_size, transform_threads=t))
+                batches_ = split.eval_batches(batch_size=batch_size, transform_threads=t)
+                it = iter(batches_.to_iter_dataset(SERIAL))
             seconds = _time(it, batches)
             rows.append(
                 {"mode": mode, "threads": t, "images_per_sec": batches * batch_size / seconds}
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", default="bench_results/bench_image_pipeline.json")
     args = parser.parse_args(argv)
