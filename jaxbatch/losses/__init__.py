@@ -1,8 +1,9 @@
-"""Losses for large batches: tiled contrastive losses (and, later, chunked linear cross-entropy).
+"""Losses for large batches: tiled contrastive losses and chunked linear cross-entropy.
 
 ``contrastive_loss`` computes the CLIP softmax, SigLIP sigmoid and decoupled (DCL) losses over any
 batch size: tiled so that the N×N logit matrix never exists, and around a ``ppermute`` ring of
-devices inside ``jax.shard_map``.
+devices inside ``jax.shard_map``. ``linear_cross_entropy`` is the cross-entropy of ``h @ w`` over
+a vocabulary, computed in token chunks so that the [T, V] logits never exist.
 """
 
 from jaxbatch.losses import contrastive_specs
@@ -12,6 +13,7 @@ from jaxbatch.losses.contrastive import (
     KINDS,
     contrastive_loss,
 )
+from jaxbatch.losses.linear_cross_entropy import linear_cross_entropy
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -19,4 +21,5 @@ __all__ = [
     "KINDS",
     "contrastive_loss",
     "contrastive_specs",
+    "linear_cross_entropy",
 ]

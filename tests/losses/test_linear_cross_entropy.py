@@ -1,0 +1,138 @@
+"""Chunked linear cross-entropy: the naive form's value and gradients without its [T, V] logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbatch.losses import linear_cross_entropy
+
+
+def _inputs(t=37, d=16, v=50, dtype=jnp.float32, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    h = jax.random.normal(k1, (t, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k2, (d, v), jnp.float32) / np.sqrt(d)).astype(dtype)
+    labels = jax.random.randint(k3, (t,), 0, v)
+    return h, w, labels
+
+
+def _numpy_loss(h, w, labels, ignore=None):
+    """float64 transcription: mean over counted tokens of lse(h·w) − (h·w)[label]."""
+    logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    m = logits.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[:, 0]
+    labels = np.asarray(labels)
+    keep = np.ones_like(labels, bool) if ignore is None else labels != ignore
+    target = logits[np.arange(len(labels)), np.where(keep, labels, 0)]
+    return float(np.sum((lse - target)[keep]) / max(keep.sum(), 1))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 10, 37, 64, None])
+def test_value_and_gradients_equal_the_naive_form(chunk_size):
+    h, w, labels = _inputs()
+
+    def loss(impl):
+        return lambda h, w: linear_cross_entropy(
+            h, w, labels, chunk_size=chunk_size, implementation=impl
+        )
+
+    value, grads = jax.value_and_grad(loss("xla"), argnums=(0, 1))(h, w)
+    ref_value, ref_grads = jax.value_and_grad(loss("reference"), argnums=(0, 1))(h, w)
+    np.testing.assert_allclose(value, _numpy_loss(h, w, labels), rtol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_matches_finite_differences_in_float64():
+    with jax.enable_x64():
+        h, w, labels = _inputs(t=9, d=4, v=7)
+        h, w = h.astype(jnp.float64), w.astype(jnp.float64)
+        f = lambda h, w: linear_cross_entropy(h, w, labels, chunk_size=4)  # noqa: E731
+        dh, dw = jax.grad(f, argnums=(0, 1))(h, w)
+        eps = 1e-6
+        for idx in [(0, 0), (3, 2), (8, 3)]:
+            e = jnp.zeros_like(h).at[idx].set(eps)
+            fd = (f(h + e, w) - f(h - e, w)) / (2 * eps)
+            np.testing.assert_allclose(dh[idx], fd, rtol=1e-6, atol=1e-9)
+        for idx in [(0, 0), (2, 6)]:
+            e = jnp.zeros_like(w).at[idx].set(eps)
+            fd = (f(h, w + e) - f(h, w - e)) / (2 * eps)
+            np.testing.assert_allclose(dw[idx], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_ignored_tokens_leave_the_mean_and_get_no_gradient():
+    h, w, labels = _inputs(t=20)
+    labels = labels.at[jnp.array([0, 5, 19])].set(-100)
+    f = lambda h: linear_cross_entropy(h, w, labels, chunk_size=6, ignore_index=-100)  # noqa: E731
+    value, dh = jax.value_and_grad(f)(h)
+    np.testing.assert_allclose(value, _numpy_loss(h, w, labels, ignore=-100), rtol=1e-5)
+    assert np.all(np.asarray(dh)[[0, 5, 19]] == 0) and np.any(np.asarray(dh)[1] != 0)
+    all_ignored = jnp.full_like(labels, -100)
+    assert float(linear_cross_entropy(h, w, all_ignored, ignore_index=-100)) == 0.0
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    h, w, labels = _inputs(t=64, d=32, v=128, dtype=jnp.bfloat16)
+    f = lambda impl: (
+        lambda h, w: linear_cross_entropy(  # noqa: E731
+            h, w, labels, chunk_size=16, implementation=impl
+        )
+    )
+    value, (dh, dw) = jax.value_and_grad(f("xla"), argnums=(0, 1))(h, w)
+    ref, (rdh, rdw) = jax.value_and_grad(f("reference"), argnums=(0, 1))(h, w)
+    assert value.dtype == jnp.float32 and dh.dtype == dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(value, _numpy_loss(h, w, labels), rtol=1e-5)
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    for got, want in ((dh, rdh), (dw, rdw)):
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-4
+        )
+
+
+def test_compiled_memory_never_holds_the_logits():
+    """T = 16,384 tokens × V = 32,768: the logits alone are 2 GiB in float32."""
+    t, d, v = 16384, 256, 32768
+    h = jax.ShapeDtypeStruct((t, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+    labels = jax.ShapeDtypeStruct((t,), jnp.int32)
+    logits_bytes = t * v * 4
+
+    def compiled(impl):
+        f = jax.grad(
+            lambda h, w, y: linear_cross_entropy(h, w, y, chunk_size=512, implementation=impl),
+            argnums=(0, 1),
+        )
+        return jax.jit(f).lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
+
+    assert compiled("reference") > logits_bytes
+    # 512 × 32,768 float32 logits and probabilities (64 MiB each) + the float32 dw (32 MiB).
+    assert compiled("xla") < logits_bytes / 8
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((np.zeros((4, 3)), np.zeros((2, 5)), np.zeros(4, int)), {}, ValueError, "do not match"),
+        ((np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(3, int)), {}, ValueError, "do not match"),
+        ((np.zeros((4,)), np.zeros((3, 5)), np.zeros(4, int)), {}, ValueError, r"h \[T, D\]"),
+        ((np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4)), {}, TypeError, "labels must be int"),
+        ((np.zeros((4, 3), int), np.zeros((3, 5)), np.zeros(4, int)), {}, TypeError, "floating"),
+        ((np.zeros((0, 3)), np.zeros((3, 5)), np.zeros(0, int)), {}, ValueError, "T = 0"),
+        (
+            (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4, int)),
+            {"chunk_size": 0},
+            ValueError,
+            "chunk_size must be a positive int",
+        ),
+        (
+            (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4, int)),
+            {"implementation": "pallas"},
+            ValueError,
+            "implementation must be one of",
+        ),
+    ],
+)
+def test_bad_inputs(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(*args, **kwargs)
