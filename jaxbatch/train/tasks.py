@@ -202,7 +202,13 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
 
 
 def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
+    """Next-token cross-entropy. ``config.loss.implementation``: 'reference' forms the [B, L, V]
+    logits; 'xla' / 'auto' use ``losses.linear_cross_entropy`` on the final hidden states and the
+    output kernel (token chunks of ``config.loss.block_size``, 0 = its default), so the training
+    step never holds the logits of the whole batch."""
     del mesh
+    chunked = cfg.loss.implementation != "reference"
+    chunk_size = cfg.loss.block_size or None
 
     def init_fn(rng, batch):
         return model.init(rng, batch["tokens"][:, :-1])
@@ -211,9 +217,23 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         logits = model.apply(params_or_vars, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
+    def mean_loss(variables, tokens):
+        if not chunked:
+            return token_losses(variables, tokens).mean()
+        h = model.apply(variables, tokens[:, :-1], method="hidden")
+        w = model.apply(variables, method="output_kernel")
+        h = h.reshape(-1, h.shape[-1]).astype(model.dtype)
+        return losses.linear_cross_entropy(
+            h,
+            w.astype(model.dtype),
+            tokens[:, 1:].reshape(-1),
+            chunk_size=chunk_size,
+            implementation=cfg.loss.implementation,
+        )
+
     def loss_fn(params, model_state, batch, rng):
         del rng
-        loss = token_losses({"params": params, **model_state}, batch["tokens"]).mean()
+        loss = mean_loss({"params": params, **model_state}, batch["tokens"])
         return loss, ({}, model_state)
 
     def eval_fn(variables, batch):
