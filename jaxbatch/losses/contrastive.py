@@ -5,10 +5,13 @@ The public entry validates its arguments and dispatches to an implementation:
 - 'reference': the whole logit matrix in memory (``_contrastive_reference``), the test oracle.
 - 'xla': tiles with online log-sum-exp and a custom VJP that recomputes the tiles
   (``_contrastive_tiled``), never holding the N×N matrix; with ``axis_name`` a ``ppermute`` ring
-  over the devices of a mesh axis (``_contrastive_ring``).
-- 'pallas': the fused single-device kernels of ``pallas_kernels.contrastive``.
-- 'auto': tries ('pallas', 'xla') on TPU and GPU and 'xla' elsewhere, moving on when an
-  implementation raises NotImplementedError for the given inputs.
+  over the devices of a mesh axis (``_contrastive_ring``) that sweeps these XLA tiles per step.
+- 'pallas': the fused kernels of ``pallas_kernels.contrastive`` (TPU Mosaic, GPU Triton; the
+  interpreter on CPU): on one device its ``contrastive_loss``; with ``axis_name`` the same ring,
+  each step sweeping the local x against the travelling y block with the per-block Pallas kernels
+  of ``pallas_kernels.contrastive.tiles`` (home block at step 0, off-home blocks after).
+- 'auto': tries ('pallas', 'xla') on TPU and GPU and 'xla' elsewhere (CPU), with or without
+  ``axis_name``, moving on when an implementation raises NotImplementedError for the given inputs.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbatch.losses import _contrastive_tiled
 from jaxbatch.losses._contrastive_reference import reference_loss
-from jaxbatch.losses._contrastive_ring import tiled_loss
+from jaxbatch.losses._contrastive_ring import PallasTiles, XlaTiles, tiled_loss
 
 KINDS = ("softmax", "sigmoid", "decoupled")
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
@@ -61,8 +65,9 @@ def contrastive_loss(
     Inside ``jax.shard_map`` with ``axis_name``, x and y are the local shards of a batch split over
     that mesh axis (local row i of device d pairs with local row i of y on device d) and the result,
     replicated on every device, equals the single-device loss on the concatenated batch. The 'xla'
-    implementation then rotates y around a ring of ``ppermute``s, holding O(N_local·D + B²) per
-    device.
+    and 'pallas' implementations then rotate y around a ring of ``ppermute``s, holding
+    O(N_local·D + B²) per device; each ring step sweeps the local x against the visiting y shard
+    with XLA tiles ('xla') or with the per-block Pallas kernels ('pallas').
 
     References:
       Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
@@ -90,7 +95,8 @@ def contrastive_loss(
       kind: 'softmax' (CLIP), 'sigmoid' (SigLIP) or 'decoupled' (DCL).
       axis_name: mesh axis the batch is sharded over, inside ``jax.shard_map``; None for one device.
       block_size: tile size B of 'xla' and 'pallas' (rows and columns); None for the backend's
-        default (``DEFAULT_BLOCK_SIZE``), clipped to the batch.
+        default ('xla': ``DEFAULT_BLOCK_SIZE``; 'pallas': ``pallas_kernels.contrastive.BlockSizes``
+        defaults), clipped to the (local) batch.
       implementation: 'auto', 'reference', 'xla' or 'pallas'.
 
     Returns:
@@ -132,19 +138,25 @@ def _xla(x, y, scale, bias, kind, axis_name, block_size):
     block = block_size or DEFAULT_BLOCK_SIZE.get(jax.default_backend(), 512)
     block = min(block, -(-x.shape[0] // _ALIGN) * _ALIGN)
     bias = jnp.zeros((), jnp.float32) if bias is None else bias
-    return tiled_loss(x, y, scale, bias, kind, block, axis_name).astype(x.dtype)
+    tiles = XlaTiles(_contrastive_tiled.Layout(x.shape[0], block), kind == "decoupled")
+    return tiled_loss(x, y, scale, bias, kind, tiles, axis_name).astype(x.dtype)
 
 
 def _pallas(x, y, scale, bias, kind, axis_name, block_size):
-    if axis_name is not None:
-        raise NotImplementedError(
-            "implementation='pallas' is single-device; use 'xla' (or 'auto') with axis_name"
-        )
     # Imported here so that jaxbatch.losses imports without the kernels package.
     from pallas_kernels.contrastive import api
+    from pallas_kernels.contrastive import tiles as pallas_tiles
 
-    loss = api.contrastive_loss(x, y, scale, bias, kind=kind, block_size=block_size)
-    return loss.astype(x.dtype)
+    if axis_name is None:
+        loss = api.contrastive_loss(x, y, scale, bias, kind=kind, block_size=block_size)
+        return loss.astype(x.dtype)
+    # Raises NotImplementedError (dtype, backend, tiling) before anything is traced, so that
+    # 'auto' can fall back to the XLA tiles.
+    n, d = x.shape
+    plan = pallas_tiles.block_plan(kind, n, d, x.dtype, block_size)
+    bias = jnp.zeros((), jnp.float32) if bias is None else bias
+    tiles = PallasTiles(plan, d)
+    return tiled_loss(x, y, scale, bias, kind, tiles, axis_name).astype(x.dtype)
 
 
 _IMPLS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
@@ -153,7 +165,8 @@ _IMPLS = {"reference": _reference, "xla": _xla, "pallas": _pallas}
 def _candidates(implementation: str, axis_name: str | None) -> Sequence[str]:
     if implementation != "auto":
         return (implementation,)
-    if axis_name is None and jax.default_backend() in ("tpu", "gpu"):
+    del axis_name  # the ring runs either implementation's tiles
+    if jax.default_backend() in ("tpu", "gpu"):
         return ("pallas", "xla")
     return ("xla",)
 

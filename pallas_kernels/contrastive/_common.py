@@ -6,8 +6,11 @@ Both kernel families work on one tile of the logit matrix at a time,
 
 where ``a`` holds the embeddings whose rows are reduced over (x for row statistics, y for column
 statistics: the column pass is the row pass on the swapped pair, since Lᵀ = s·y·xᵀ + bias) and ``b``
-the other side. The functions here are pure ``jnp`` on tiles, so they run inside Mosaic TPU, Triton
-and interpret-mode kernels alike.
+the other side. The tile functions here are pure ``jnp``, so they run inside Mosaic TPU, Triton
+and interpret-mode kernels alike. A static ``home`` flag (``tile_masks``) says whether b's block
+holds the positive pairs on its diagonal (a single-device call, the first step of a device ring)
+or only negatives (the other ring steps). ``kernel_operands`` types a kernel's operands and
+outputs for calls inside ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -170,12 +173,19 @@ def tile_times(grad: jax.Array, b: jax.Array) -> jax.Array:
     )
 
 
-def tile_masks(row0, col0, shape: tuple[int, int], n: int) -> tuple[jax.Array, jax.Array]:
-    """(valid, diagonal) boolean masks of the tile whose top-left entry is (row0, col0)."""
+def tile_masks(
+    row0, col0, shape: tuple[int, int], n: int, home: bool = True
+) -> tuple[jax.Array, jax.Array | None]:
+    """(valid, diagonal) boolean masks of the tile whose top-left entry is (row0, col0).
+
+    ``home`` (static) says whether the b side is the block paired with the a side, so that its
+    diagonal i == j holds the positive pairs. Off home there is no positive pair: the diagonal
+    mask is None and every consumer below treats every valid entry as a negative.
+    """
     rows = row0 + lax.broadcasted_iota(jnp.int32, shape, 0)
     cols = col0 + lax.broadcasted_iota(jnp.int32, shape, 1)
     valid = (rows < n) & (cols < n)
-    return valid, rows == cols
+    return valid, (rows == cols if home else None)
 
 
 def softplus(t: jax.Array) -> jax.Array:
@@ -183,14 +193,18 @@ def softplus(t: jax.Array) -> jax.Array:
     return jnp.maximum(t, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(t)))
 
 
-def sigmoid_terms(logits: jax.Array, valid: jax.Array, diag: jax.Array) -> jax.Array:
-    """−log σ(z·L) = softplus(−z·L) with z = +1 on the diagonal, −1 elsewhere; 0 where padded."""
-    return jnp.where(valid, softplus(jnp.where(diag, -logits, logits)), 0.0)
+def sigmoid_terms(logits: jax.Array, valid: jax.Array, diag: jax.Array | None) -> jax.Array:
+    """−log σ(z·L) = softplus(−z·L) with z = +1 on the diagonal, −1 elsewhere; 0 where padded.
+
+    diag None (an off-home block): z = −1 everywhere.
+    """
+    signed = logits if diag is None else jnp.where(diag, -logits, logits)
+    return jnp.where(valid, softplus(signed), 0.0)
 
 
-def lse_keep(kind: str, valid: jax.Array, diag: jax.Array) -> jax.Array:
+def lse_keep(kind: str, valid: jax.Array, diag: jax.Array | None) -> jax.Array:
     """Entries that enter the log-sum-exp: all valid ones, minus the positive pair for DCL."""
-    return valid & ~diag if kind == "decoupled" else valid
+    return valid & ~diag if kind == "decoupled" and diag is not None else valid
 
 
 def online_lse_update(logits, keep, m_prev, l_prev):
@@ -221,6 +235,72 @@ def lse_grad_tile(logits, keep, lse_rows, g_rows, lse_cols, g_cols):
 
 
 def sigmoid_grad_tile(logits, valid, diag, g):
-    """d/dL of g · Σ softplus(−z·L): g · (σ(L) − [i = j]) on valid entries, 0 elsewhere."""
-    grad = jax.nn.sigmoid(logits) - jnp.where(diag, 1.0, 0.0)
+    """d/dL of g · Σ softplus(−z·L): g · (σ(L) − [i = j]) on valid entries, 0 elsewhere.
+
+    diag None (an off-home block): g · σ(L), every pair a negative.
+    """
+    grad = jax.nn.sigmoid(logits)
+    if diag is not None:
+        grad = grad - jnp.where(diag, 1.0, 0.0)
     return jnp.where(valid, g * grad, 0.0)
+
+
+def subtract_positive(grad, valid, diag, positive: float):
+    """grad − ``positive`` on the valid positive pairs: the −L_ii terms of a softmax-type loss.
+
+    ``positive`` is static; 0 (the caller differentiates the −L_ii terms itself) or an off-home
+    tile (diag None) leaves grad unchanged. Subtracted in f32, before grad is rounded to the
+    embeddings' dtype: for a confident positive the two LSE terms sum to ≈ ``positive``.
+    """
+    if not positive or diag is None:
+        return grad
+    return jnp.where(valid & diag, grad - positive, grad)
+
+
+def kernel_operands(plan: Plan, *operands: jax.Array):
+    """Readies a kernel's operands for ``pallas_call`` inside or outside ``jax.shard_map``.
+
+    A ``pallas_call`` must state how its outputs vary over the manual mesh axes: like its
+    operands. Compiled kernels get every operand cast to the union of their varying axes and
+    outputs typed alike. The HLO interpreter (``interpret=True``) cannot run on varying operands:
+    it evaluates the kernel's jaxpr, traced without mesh axes, on the varying blocks and fails the
+    varying-axes type checks (ValueError "requires varying manual axes to match"). For it the
+    operands are retyped as invariant (an identity add traced with JAX's internal ``check_vma``
+    switch off) and the outputs cast back to varying: values are per-device either way, only the
+    static type changes, and nothing differentiates or reduces across devices in between.
+
+    Returns:
+      (operands, manual_axis_type of the outputs' ShapeDtypeStructs, restore) where restore maps
+      the kernel's outputs (a pytree) to their varying type.
+    """
+    varying = [frozenset(jax.typeof(a).manual_axis_type.varying) for a in operands]
+    axes = frozenset().union(*varying)
+    if not axes:
+        return list(operands), jax.typeof(operands[0]).manual_axis_type, lambda out: out
+    names = tuple(sorted(axes))
+    if not plan.interpret:
+        cast = [
+            lax.pcast(a, tuple(sorted(axes - v)), to="varying") if axes - v else a
+            for a, v in zip(operands, varying, strict=True)
+        ]
+        return cast, jax.typeof(cast[0]).manual_axis_type, lambda out: out
+    hidden = [_as_invariant(a) if v else a for a, v in zip(operands, varying, strict=True)]
+
+    def restore(out):
+        return jax.tree.map(lambda o: lax.pcast(o, names, to="varying"), out)
+
+    return hidden, jax.typeof(hidden[0]).manual_axis_type, restore
+
+
+def _as_invariant(a: jax.Array) -> jax.Array:
+    try:
+        from jax._src import config as jax_config
+
+        check_vma = jax_config._check_vma
+    except (ImportError, AttributeError) as err:  # a JAX without the switch
+        raise NotImplementedError(
+            "interpreted Pallas kernels inside jax.shard_map need jax.shard_map(..., "
+            "check_vma=False) with this JAX version"
+        ) from err
+    with check_vma(False):
+        return a + jnp.zeros((), a.dtype)

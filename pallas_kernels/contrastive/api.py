@@ -84,6 +84,32 @@ def contrastive_loss(
     x_arr, y_arr = jnp.asarray(x), jnp.asarray(y)
     _check_inputs(x_arr, y_arr, logit_scale, logit_bias, kind)
     n, d = x_arr.shape
+    shape_plan = resolve_plan(kind, n, d, x_arr.dtype, block_size, backend, interpret)
+    scale = jnp.asarray(logit_scale, jnp.float32)
+    bias = (
+        jnp.zeros((), jnp.float32) if logit_bias is None else jnp.asarray(logit_bias, jnp.float32)
+    )
+    return _loss(x_arr, y_arr, scale, bias, shape_plan)
+
+
+def resolve_plan(
+    kind: str,
+    n: int,
+    d: int,
+    dtype,
+    block_size: int | BlockSizes | None = None,
+    backend: str | None = None,
+    interpret: bool | None = None,
+) -> Plan:
+    """The static plan of an [n, d] problem: kernel family, interpret mode, padded legal tiles.
+
+    Args and defaults as in `contrastive_loss` (n, d, dtype describe x and y).
+
+    Raises:
+      ValueError: a malformed block_size.
+      NotImplementedError: a backend without kernels, 'cpu' without interpret mode, or tiles that
+        break the target's tiling rules.
+    """
     platform = jax.default_backend() if backend is None else backend
     if platform not in _BACKENDS:
         raise NotImplementedError(
@@ -97,16 +123,11 @@ def contrastive_loss(
         raise NotImplementedError(
             "on the 'cpu' backend the Pallas kernels only run with interpret=True"
         )
-    blocks = _block_sizes(block_size, family, n, d, x_arr.dtype)
+    blocks = _block_sizes(block_size, family, n, d, dtype)
     try:
-        shape_plan = _common.plan(kind, n, d, x_arr.dtype, blocks, family, interpret)
+        return _common.plan(kind, n, d, dtype, blocks, family, interpret)
     except ValueError as err:
         raise NotImplementedError(str(err)) from err
-    scale = jnp.asarray(logit_scale, jnp.float32)
-    bias = (
-        jnp.zeros((), jnp.float32) if logit_bias is None else jnp.asarray(logit_bias, jnp.float32)
-    )
-    return _loss(x_arr, y_arr, scale, bias, shape_plan)
 
 
 def _check_inputs(x, y, logit_scale, logit_bias, kind) -> None:

@@ -2,7 +2,8 @@
 
 Same contract as tpu.py: each kernel is called once with (a, b) = (x, y) for the row side and once
 with (a, b) = (y, x) for the column side (Lᵀ = s·y·xᵀ + bias). Only one [block_rows, block_cols]
-logit tile is live per program.
+logit tile is live per program. Both kernels take the same static ``home`` as tpu.py's: whether b is
+the block paired with a (positive pairs on its diagonal) or a block of negatives only.
 
 Tiling (both kernels): grid = (n_pad / block_rows,); each program owns one [block_rows, d_pad] row
 block of ``a`` and walks the column blocks of ``b`` with a ``fori_loop`` (Triton programs run
@@ -35,7 +36,7 @@ def _compiler_params(plan: Plan) -> pltriton.CompilerParams:
     return pltriton.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, *, kind, n, block_cols):
+def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, *, kind, n, block_cols, home):
     """Row statistic of one row block: lse_j L_ij (decoupled: j ≠ i) or Σ_j softplus(−z_ij·L_ij)."""
     i = pl.program_id(0)
     block_rows = a_ref.shape[0]
@@ -46,7 +47,7 @@ def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, *, kind, n, block_cols):
         m, l = carry  # [bm, 1] each
         b = b_ref[pl.ds(j * block_cols, block_cols), :]  # [bn, d]
         logits = _common.tile_logits(a, b, scale, bias)  # [bm, bn]
-        valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n)
+        valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n, home)
         if kind == "sigmoid":
             terms = _common.sigmoid_terms(logits, valid, diag)
             return m, l + jnp.sum(terms, axis=1, keepdims=True)
@@ -61,10 +62,11 @@ def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, *, kind, n, block_cols):
     out_ref[...] = out[:, 0]
 
 
-def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, block_cols):
+def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, block_cols, home, positive):
     """u_i = Σ_j G_ij·b_j and gsum_i = Σ_j G_ij for one row block; G = dLoss/dL, recomputed.
 
-    softmax/decoupled: G_ij = g_i·exp(L_ij − lse_i) + h_j·exp(L_ij − lse'_j) on kept entries.
+    softmax/decoupled: G_ij = g_i·exp(L_ij − lse_i) + h_j·exp(L_ij − lse'_j) on kept entries,
+      minus ``positive`` on the positive pairs of a home block.
     sigmoid: G_ij = g·(σ(L_ij) − [i = j]) on valid entries.
     """
     if kind == "sigmoid":
@@ -84,7 +86,7 @@ def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, block_cols):
         cols = pl.ds(j * block_cols, block_cols)
         b = b_ref[cols, :]  # [bn, d]
         logits = _common.tile_logits(a, b, scale, bias)  # [bm, bn]
-        valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n)
+        valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n, home)
         if kind == "sigmoid":
             grad = _common.sigmoid_grad_tile(logits, valid, diag, g)
         else:
@@ -92,6 +94,7 @@ def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, block_cols):
             lse_b = lse_b_ref[cols][None, :]  # [1, bn]
             g_b = g_b_ref[cols][None, :]  # [1, bn]
             grad = _common.lse_grad_tile(logits, keep, lse_a, g_a, lse_b, g_b)  # [bm, bn]
+            grad = _common.subtract_positive(grad, valid, diag, positive)
         return u + _common.tile_times(grad, b), gsum + jnp.sum(grad, axis=1, keepdims=True)
 
     init = (
@@ -103,16 +106,21 @@ def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, block_cols):
     gsum_ref[...] = gsum[:, 0]
 
 
-def row_stats(a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan) -> jax.Array:
+def row_stats(
+    a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan, *, home: bool = True
+) -> jax.Array:
     """Per-row statistic of L = s·a·bᵀ + bias for padded a, b: [n_pad, d_pad] -> [n_pad] f32.
 
-    Residuals: none kept inside; the caller saves the returned O(N) vector.
+    ``home``: b is the block paired with a (positive pairs on the diagonal); False for a block
+    of negatives only. Residuals: none kept inside; the caller saves the returned O(N) vector.
     """
     n_pad, d = a.shape
     bm, bn = plan.block_rows, plan.block_cols
-    kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n, block_cols=bn)
-    with jax.named_scope(f"contrastive_{plan.kind}_gpu_fwd_bm{bm}_bn{bn}"):
-        return pl.pallas_call(
+    kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n, block_cols=bn, home=home)
+    (scalars, a, b), axes, restore = _common.kernel_operands(plan, scalars, a, b)
+    suffix = "" if home else "_offhome"
+    with jax.named_scope(f"contrastive_{plan.kind}_gpu_fwd{suffix}_bm{bm}_bn{bn}"):
+        out = pl.pallas_call(
             kernel,
             grid=(n_pad // bm,),
             in_specs=[
@@ -121,11 +129,12 @@ def row_stats(a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan) -> jax
                 pl.BlockSpec((n_pad, d), lambda i: (0, 0)),
             ],
             out_specs=pl.BlockSpec((bm,), lambda i: (i,)),
-            out_shape=jax.ShapeDtypeStruct((n_pad,), jnp.float32),
+            out_shape=jax.ShapeDtypeStruct((n_pad,), jnp.float32, manual_axis_type=axes),
             compiler_params=_compiler_params(plan),
             interpret=plan.interpret,
-            name=f"contrastive_{plan.kind}_fwd",
+            name=f"contrastive_{plan.kind}_fwd{suffix}",
         )(scalars, a, b)
+    return restore(out)
 
 
 def row_grads(
@@ -134,6 +143,9 @@ def row_grads(
     scalars: jax.Array,
     plan: Plan,
     stats: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    *,
+    home: bool = True,
+    positive: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Recomputes the tiles and returns (u = G·b [n_pad, d_pad] f32, Σ_j G_ij [n_pad] f32).
 
@@ -143,6 +155,7 @@ def row_grads(
       plan: static shape plan.
       stats: for the LSE kinds, (lse_rows, g_rows, lse_cols, g_cols), each [n_pad] f32. None for
         'sigmoid'.
+      home, positive: as in tpu.row_grads.
     """
     n_pad, d = a.shape
     bm, bn = plan.block_rows, plan.block_cols
@@ -157,9 +170,13 @@ def row_grads(
         all_spec = pl.BlockSpec((n_pad,), lambda i: (0,))
         in_specs += [row_spec, row_spec, all_spec, all_spec]
         operands += list(stats)
-    kernel = functools.partial(_backward_kernel, kind=plan.kind, n=plan.n, block_cols=bn)
-    with jax.named_scope(f"contrastive_{plan.kind}_gpu_bwd_bm{bm}_bn{bn}"):
-        return pl.pallas_call(
+    kernel = functools.partial(
+        _backward_kernel, kind=plan.kind, n=plan.n, block_cols=bn, home=home, positive=positive
+    )
+    operands, axes, restore = _common.kernel_operands(plan, *operands)
+    suffix = "" if home else "_offhome"
+    with jax.named_scope(f"contrastive_{plan.kind}_gpu_bwd{suffix}_bm{bm}_bn{bn}"):
+        out = pl.pallas_call(
             kernel,
             grid=(n_pad // bm,),
             in_specs=in_specs,
@@ -168,10 +185,11 @@ def row_grads(
                 pl.BlockSpec((bm,), lambda i: (i,)),
             ],
             out_shape=[
-                jax.ShapeDtypeStruct((n_pad, d), jnp.float32),
-                jax.ShapeDtypeStruct((n_pad,), jnp.float32),
+                jax.ShapeDtypeStruct((n_pad, d), jnp.float32, manual_axis_type=axes),
+                jax.ShapeDtypeStruct((n_pad,), jnp.float32, manual_axis_type=axes),
             ],
             compiler_params=_compiler_params(plan),
             interpret=plan.interpret,
-            name=f"contrastive_{plan.kind}_bwd",
+            name=f"contrastive_{plan.kind}_bwd{suffix}",
         )(*operands)
+    return restore(tuple(out))

@@ -5,6 +5,10 @@ Two kernels, each called twice by api.py: once with (a, b) = (x, y) for the row 
 statistics of Lᵀ = s·y·xᵀ + bias. Neither kernel ever holds more than one [block_rows, block_cols]
 tile of logits; everything stored across tiles is O(N) or O(N·D).
 
+Both take a static ``home``: whether b is the block paired with a (the positive pairs on its
+diagonal i == j), as in a single-device call or the first step of a device ring; off home every pair
+is a negative (see tiles.py, the per-block entry points of the ring).
+
 Tiling (both kernels): grid = (n_pad / block_rows, n_pad / block_cols); axis 0 ("parallel") picks
 the row block of ``a``, axis 1 ("arbitrary", innermost, sequential) sweeps the column blocks of
 ``b`` while the row block's accumulators stay resident in VMEM. Scalars (s, bias, g) live in SMEM.
@@ -30,7 +34,7 @@ from pallas_kernels.contrastive._common import Plan
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))
 
 
-def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, m_scratch, l_scratch, *, kind, n):
+def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, m_scratch, l_scratch, *, kind, n, home):
     """Row statistic of one row block, accumulated over the column blocks (grid axis 1).
 
     softmax/decoupled: out = lse_j L_ij (decoupled: j ≠ i), streamed with max m and sum l scratch.
@@ -45,7 +49,7 @@ def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, m_scratch, l_scratch, *,
         l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
 
     logits = _common.tile_logits(a_ref[...], b_ref[...], scalars_ref[0], scalars_ref[1])  # [bm, bn]
-    valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n)  # [bm, bn]
+    valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n, home)
     if kind == "sigmoid":
         l_scratch[...] += jnp.sum(_common.sigmoid_terms(logits, valid, diag), axis=1, keepdims=True)
     else:
@@ -62,10 +66,11 @@ def _forward_kernel(scalars_ref, a_ref, b_ref, out_ref, m_scratch, l_scratch, *,
             out_ref[...] = _common.lse_finish(m_scratch[...], l_scratch[...])
 
 
-def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n):
+def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n, home, positive):
     """u_i = Σ_j G_ij·b_j and gsum_i = Σ_j G_ij for one row block; G = dLoss/dL, recomputed.
 
-    softmax/decoupled: G_ij = g_i·exp(L_ij − lse_i) + h_j·exp(L_ij − lse'_j) on kept entries.
+    softmax/decoupled: G_ij = g_i·exp(L_ij − lse_i) + h_j·exp(L_ij − lse'_j) on kept entries,
+      minus ``positive`` on the positive pairs of a home block.
     sigmoid: G_ij = g·(σ(L_ij) − [i = j]) on valid entries.
     The outputs' blocks do not move along grid axis 1, so they are the f32 accumulators.
     """
@@ -83,7 +88,7 @@ def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n):
 
     b = b_ref[...]  # [bn, d]
     logits = _common.tile_logits(a_ref[...], b, scalars_ref[0], scalars_ref[1])  # [bm, bn]
-    valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n)
+    valid, diag = _common.tile_masks(i * block_rows, j * block_cols, logits.shape, n, home)
     if kind == "sigmoid":
         grad = _common.sigmoid_grad_tile(logits, valid, diag, scalars_ref[2])  # [bm, bn]
     else:
@@ -91,6 +96,7 @@ def _backward_kernel(scalars_ref, a_ref, b_ref, *refs, kind, n):
         grad = _common.lse_grad_tile(
             logits, keep, lse_a_ref[...], g_a_ref[...], lse_b_ref[...], g_b_ref[...]
         )  # [bm, bn]
+        grad = _common.subtract_positive(grad, valid, diag, positive)
     u_ref[...] += _common.tile_times(grad, b)  # [bm, d]
     gsum_ref[...] += jnp.sum(grad, axis=1, keepdims=True)  # [bm, 1]
 
@@ -105,22 +111,27 @@ def _specs(plan: Plan, d: int):
     return grid, scalars, a_spec, b_spec
 
 
-def row_stats(a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan) -> jax.Array:
+def row_stats(
+    a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan, *, home: bool = True
+) -> jax.Array:
     """Per-row statistic of L = s·a·bᵀ + bias for padded a, b: [n_pad, d] -> [n_pad] f32.
 
-    Residuals: none kept inside; the caller saves the returned O(N) vector.
+    ``home``: b is the block paired with a (positive pairs on the diagonal); False for a block
+    of negatives only. Residuals: none kept inside; the caller saves the returned O(N) vector.
     """
     n_pad, d = a.shape
     grid, scalar_spec, a_spec, b_spec = _specs(plan, d)
     bm, bn = plan.block_rows, plan.block_cols
-    kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n)
-    with jax.named_scope(f"contrastive_{plan.kind}_tpu_fwd_bm{bm}_bn{bn}"):
+    kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n, home=home)
+    (scalars, a, b), axes, restore = _common.kernel_operands(plan, scalars, a, b)
+    suffix = "" if home else "_offhome"
+    with jax.named_scope(f"contrastive_{plan.kind}_tpu_fwd{suffix}_bm{bm}_bn{bn}"):
         out = pl.pallas_call(
             kernel,
             grid=grid,
             in_specs=[scalar_spec, a_spec, b_spec],
             out_specs=pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-            out_shape=jax.ShapeDtypeStruct((n_pad, 1), jnp.float32),
+            out_shape=jax.ShapeDtypeStruct((n_pad, 1), jnp.float32, manual_axis_type=axes),
             scratch_shapes=[pltpu.VMEM((bm, 1), jnp.float32), pltpu.VMEM((bm, 1), jnp.float32)],
             compiler_params=_SEMANTICS,
             cost_estimate=pl.CostEstimate(
@@ -129,9 +140,9 @@ def row_stats(a: jax.Array, b: jax.Array, scalars: jax.Array, plan: Plan) -> jax
                 bytes_accessed=(grid[0] + 1) * n_pad * d * a.dtype.itemsize,
             ),
             interpret=plan.interpret,
-            name=f"contrastive_{plan.kind}_fwd",
+            name=f"contrastive_{plan.kind}_fwd{suffix}",
         )(scalars, a, b)
-    return out[:, 0]  # [n_pad]
+    return restore(out[:, 0])  # [n_pad]
 
 
 def row_grads(
@@ -140,6 +151,9 @@ def row_grads(
     scalars: jax.Array,
     plan: Plan,
     stats: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
+    *,
+    home: bool = True,
+    positive: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Recomputes the tiles and returns (u = G·b [n_pad, d] f32, Σ_j G_ij [n_pad] f32).
 
@@ -149,6 +163,10 @@ def row_grads(
       plan: static shape plan.
       stats: for the LSE kinds, (lse_rows, g_rows, lse_cols, g_cols), each [n_pad] f32: the saved
         row/column LSEs of L and their cotangents. None for 'sigmoid'.
+      home: b is the block paired with a (positive pairs on the diagonal); False for a block of
+        negatives only.
+      positive: static amount subtracted from G on the positive pairs of a home block (LSE kinds:
+        the −L_ii terms of the loss); 0 when the caller differentiates those terms itself.
     """
     n_pad, d = a.shape
     grid, scalar_spec, a_spec, b_spec = _specs(plan, d)
@@ -161,8 +179,12 @@ def row_grads(
         col_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))  # lane-major [1, bn]
         in_specs += [row_spec, row_spec, col_spec, col_spec]
         operands += [lse_rows[:, None], g_rows[:, None], lse_cols[None, :], g_cols[None, :]]
-    kernel = functools.partial(_backward_kernel, kind=plan.kind, n=plan.n)
-    with jax.named_scope(f"contrastive_{plan.kind}_tpu_bwd_bm{bm}_bn{bn}"):
+    kernel = functools.partial(
+        _backward_kernel, kind=plan.kind, n=plan.n, home=home, positive=positive
+    )
+    operands, axes, restore = _common.kernel_operands(plan, *operands)
+    suffix = "" if home else "_offhome"
+    with jax.named_scope(f"contrastive_{plan.kind}_tpu_bwd{suffix}_bm{bm}_bn{bn}"):
         u, gsum = pl.pallas_call(
             kernel,
             grid=grid,
@@ -172,8 +194,8 @@ def row_grads(
                 pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
             ],
             out_shape=[
-                jax.ShapeDtypeStruct((n_pad, d), jnp.float32),
-                jax.ShapeDtypeStruct((n_pad, 1), jnp.float32),
+                jax.ShapeDtypeStruct((n_pad, d), jnp.float32, manual_axis_type=axes),
+                jax.ShapeDtypeStruct((n_pad, 1), jnp.float32, manual_axis_type=axes),
             ],
             compiler_params=_SEMANTICS,
             cost_estimate=pl.CostEstimate(
@@ -182,6 +204,6 @@ def row_grads(
                 bytes_accessed=(grid[0] + 1) * n_pad * d * a.dtype.itemsize + 4 * n_pad * d,
             ),
             interpret=plan.interpret,
-            name=f"contrastive_{plan.kind}_bwd",
+            name=f"contrastive_{plan.kind}_bwd{suffix}",
         )(*operands)
-    return u, gsum[:, 0]
+    return restore((u, gsum[:, 0]))
