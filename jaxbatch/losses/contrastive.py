@@ -114,6 +114,7 @@ def contrastive_loss(
     ):
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
     n_global = x.shape[0] * _axis_size(axis_name)
+    _check_sharded_along(x, y, axis_name)
     if kind == "decoupled" and n_global < 2:
         raise ValueError(
             f"kind='decoupled' needs a global batch of at least 2 (a row needs a negative), "
@@ -169,6 +170,27 @@ def _candidates(implementation: str, axis_name: str | None) -> Sequence[str]:
     if jax.default_backend() in ("tpu", "gpu"):
         return ("pallas", "xla")
     return ("xla",)
+
+
+def _check_sharded_along(x, y, axis_name) -> None:
+    """x and y must vary along the ring's axes, as ``shard_map`` types a batch-sharded input.
+
+    Two ways to get this wrong both gave a silently wrong gradient (dx and dy 1/P of the true
+    value on P devices), so both are refused: ``shard_map(..., check_vma=False)``, where JAX
+    drops the types the custom VJP relies on, and embeddings replicated over the axis (then the
+    "global batch" would be P copies of one batch).
+    """
+    if axis_name is None:
+        return
+    names = set(axis_name) if isinstance(axis_name, tuple | list) else {axis_name}
+    for label, a in (("x", x), ("y", y)):
+        varying = set(jax.typeof(a).manual_axis_type.varying)
+        if not names <= varying:
+            raise ValueError(
+                f"contrastive_loss(axis_name={axis_name!r}): {label} does not vary along "
+                f"{sorted(names - varying)}; call it inside jax.shard_map with the batch sharded "
+                "over those axes (in_specs P(axis, None)) and check_vma=True (the default)"
+            )
 
 
 def _axis_size(axis_name: str | None) -> int:

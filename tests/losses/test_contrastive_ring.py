@@ -130,3 +130,22 @@ def test_pallas_runs_the_ring(mesh):
     got = jax.jit(sharded)(jax.device_put(x, rows), jax.device_put(y, rows), scale)
     want = contrastive_loss(x, y, scale, implementation="reference")
     np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_unchecked_or_replicated_inputs_are_refused(mesh, implementation):
+    """Both used to give dx, dy of 1/P the true value silently; now they name the problem."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
+
+    def local(x, y):
+        return contrastive_loss(x, y, 1.0, axis_name=AXIS, implementation=implementation)
+
+    rows = NamedSharding(mesh, P(AXIS))
+    unchecked = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
+    )
+    with pytest.raises(ValueError, match=r"x does not vary along \['data'\].*check_vma=True"):
+        jax.jit(unchecked)(jax.device_put(x, rows), jax.device_put(x, rows))
+    replicated = jax.shard_map(local, mesh=mesh, in_specs=(P(), P()), out_specs=P())
+    with pytest.raises(ValueError, match="x does not vary along"):
+        jax.jit(replicated)(x, x)
