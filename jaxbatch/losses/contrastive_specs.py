@@ -86,3 +86,42 @@ BENCH_DIM = 256
 BENCH_SIZES = (2048, 4096, 8192, 16384)
 BENCH_XLA_ONLY = 65536
 BENCH_RING_GLOBAL = (1 << 20, 1 << 22)
+
+
+def noisy_unit_pair(kind: str, n: int, d: int, dtype, seed: int = 0):
+    """Kernel-test inputs: unit rows, y = normalised (x + N(0, 1)), generator seeded by seed + n;
+    scale 10 with bias −10 (SigLIP's init) for 'sigmoid', else bias 0.3.
+
+    Returns:
+      (x [n, d], y [n, d]) in ``dtype`` and float32 scalars (scale, bias).
+    """
+    rng = np.random.default_rng(seed + n)
+    x = rng.standard_normal((n, d))
+    y = x + rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    scale, bias = (10.0, -10.0) if kind == "sigmoid" else (10.0, 0.3)
+    return jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.float32(scale), jnp.float32(bias)
+
+
+def ring_value_and_grads(mesh, local, axis: str, x, y, scale, bias):
+    """Value and gradients (x, y, scale, bias) of ``local(x, y, scale, bias)`` run in
+    ``jax.shard_map`` with x and y sharded by rows over ``axis`` (the device-ring tests)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    loss = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis), P(), P()), out_specs=P())
+    rows = NamedSharding(mesh, P(axis))
+    x, y = jax.device_put(x, rows), jax.device_put(y, rows)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, y, scale, bias)
+
+
+def reference_value_and_grads(x, y, scale, bias, kind: str):
+    """The oracle of the ring tests: the single-device float32 reference on the global batch."""
+    from jaxbatch.losses.contrastive import contrastive_loss
+
+    def loss(x, y, s, b):
+        return contrastive_loss(x, y, s, b, kind=kind, implementation="reference")
+
+    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x32, y32, scale, bias)

@@ -11,7 +11,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbatch.losses import contrastive_loss
-from jaxbatch.losses.contrastive_specs import KINDS, default_spec
+from jaxbatch.losses.contrastive_specs import (
+    KINDS,
+    default_spec,
+    reference_value_and_grads,
+    ring_value_and_grads,
+)
 
 AXIS = "data"
 NAMES = ("dx", "dy", "dlogit_scale", "dlogit_bias")
@@ -21,20 +26,7 @@ def _sharded_value_and_grads(mesh, x, y, scale, bias, **kwargs):
     def local(x, y, s, b):
         return contrastive_loss(x, y, s, b, axis_name=AXIS, **kwargs)
 
-    loss = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()), out_specs=P()
-    )  # fmt: skip
-    rows = NamedSharding(mesh, P(AXIS))
-    x, y = jax.device_put(x, rows), jax.device_put(y, rows)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, y, scale, bias)
-
-
-def _global_value_and_grads(x, y, scale, bias, kind):
-    def loss(x, y, s, b):
-        return contrastive_loss(x, y, s, b, kind=kind, implementation="reference")
-
-    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x32, y32, scale, bias)
+    return ring_value_and_grads(mesh, local, AXIS, x, y, scale, bias)
 
 
 def _assert_close(got, want, rtol, what, floor=1e-2):
@@ -65,7 +57,7 @@ CASES = [
 def test_ring_matches_single_device_loss(mesh, kind, n, block, implementation, dtype):
     x, y, scale, bias = default_spec(kind, n, 16, dtype, seed=3).make_args()
     bias = jnp.float32(0.5) if bias is None else bias
-    want_loss, want_grads = _global_value_and_grads(x, y, scale, bias, kind)
+    want_loss, want_grads = reference_value_and_grads(x, y, scale, bias, kind)
     loss, grads = _sharded_value_and_grads(
         mesh, x, y, scale, bias, kind=kind, block_size=block, implementation=implementation
     )

@@ -17,7 +17,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbatch.losses import contrastive_loss
 from jaxbatch.losses._contrastive_ring import PallasTiles, tiled_loss
-from jaxbatch.losses.contrastive_specs import KINDS, default_spec
+from jaxbatch.losses.contrastive_specs import (
+    KINDS,
+    default_spec,
+    reference_value_and_grads,
+    ring_value_and_grads,
+)
 from pallas_kernels.contrastive import tiles
 
 AXIS = "data"
@@ -32,23 +37,6 @@ def _mesh(devices):
 def _args(kind, n, dtype, seed=5):
     x, y, scale, bias = default_spec(kind, n, D, dtype, seed=seed).make_args()
     return x, y, scale, jnp.float32(0.5) if bias is None else bias
-
-
-def _sharded_value_and_grads(mesh, local, x, y, scale, bias):
-    loss = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()), out_specs=P()
-    )  # fmt: skip
-    rows = NamedSharding(mesh, P(AXIS))
-    x, y = jax.device_put(x, rows), jax.device_put(y, rows)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, y, scale, bias)
-
-
-def _global_value_and_grads(x, y, scale, bias, kind):
-    def loss(x, y, s, b):
-        return contrastive_loss(x, y, s, b, kind=kind, implementation="reference")
-
-    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x32, y32, scale, bias)
 
 
 def _assert_matches_reference(got, want, dtype):
@@ -85,9 +73,9 @@ def test_pallas_ring_matches_single_device_loss(
             x, y, s, b, kind=kind, axis_name=AXIS, block_size=block, implementation="pallas"
         )
 
-    got = _sharded_value_and_grads(_mesh(devices), local, x, y, scale, bias)
+    got = ring_value_and_grads(_mesh(devices), local, AXIS, x, y, scale, bias)
     assert got[0].dtype == x.dtype and got[1][0].dtype == x.dtype
-    _assert_matches_reference(got, _global_value_and_grads(x, y, scale, bias, kind), dtype)
+    _assert_matches_reference(got, reference_value_and_grads(x, y, scale, bias, kind), dtype)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,8 +90,8 @@ def test_ring_of_gpu_kernels_matches(eight_devices, kind):
     def local(x, y, s, b):
         return tiled_loss(x, y, s, b, kind, PallasTiles(plan, D), AXIS)
 
-    got = _sharded_value_and_grads(_mesh(devices), local, x, y, scale, bias)
-    _assert_matches_reference(got, _global_value_and_grads(x, y, scale, bias, kind), "float32")
+    got = ring_value_and_grads(_mesh(devices), local, AXIS, x, y, scale, bias)
+    _assert_matches_reference(got, reference_value_and_grads(x, y, scale, bias, kind), "float32")
 
 
 def test_auto_with_axis_name_is_xla_on_cpu(eight_devices):
@@ -117,7 +105,7 @@ def test_auto_with_axis_name_is_xla_on_cpu(eight_devices):
                 implementation=implementation,
             )  # fmt: skip
 
-        return _sharded_value_and_grads(_mesh(8), local, x, y, scale, bias)
+        return ring_value_and_grads(_mesh(8), local, AXIS, x, y, scale, bias)
 
     (auto, auto_grads), (xla, xla_grads) = run("auto"), run("xla")
     assert float(auto) == float(xla)
@@ -135,7 +123,7 @@ def test_pallas_ring_rejects_illegal_tiles(eight_devices):
         return contrastive_loss(x, y, s, b, axis_name=AXIS, block_size=100, implementation="pallas")
 
     with pytest.raises(NotImplementedError, match="multiples of 128"):
-        _sharded_value_and_grads(_mesh(2), local, x, y, scale, bias)
+        ring_value_and_grads(_mesh(2), local, AXIS, x, y, scale, bias)
 
 
 # ---------------------------------------------------------------------------------- lowering

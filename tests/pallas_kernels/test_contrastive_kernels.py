@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxbatch.losses.contrastive_specs import noisy_unit_pair
 from pallas_kernels.contrastive import (
     KINDS,
     BlockSizes,
@@ -38,22 +39,6 @@ CASES = [(*case, dtype) for case in SQUARE_TILES for dtype in ("float32", "bfloa
 CASES += RECTANGULAR_TILES
 
 
-def _inputs(kind, n, dtype, seed=0):
-    """Unit-norm embeddings, y a noisy copy of x; SigLIP's scale/bias init for sigmoid."""
-    rng = np.random.default_rng(seed + n)
-    x = rng.standard_normal((n, D))
-    y = x + rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    scale, bias = (10.0, -10.0) if kind == "sigmoid" else (10.0, 0.3)
-    return (
-        jnp.asarray(x, dtype),
-        jnp.asarray(y, dtype),
-        jnp.float32(scale),
-        jnp.float32(bias),
-    )
-
-
 def _value_and_grads(loss_fn, args):
     return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)))(*args)
 
@@ -68,7 +53,7 @@ def _assert_close(actual, expected, rtol, name):
 @pytest.mark.parametrize("backend,n,block_size,dtype", CASES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_kernel_matches_reference(kind, backend, n, block_size, dtype):
-    args = _inputs(kind, n, dtype)
+    args = noisy_unit_pair(kind, n, D, dtype)
 
     def kernel_loss(x, y, s, b):
         return contrastive_loss(
@@ -95,7 +80,7 @@ def test_kernel_matches_reference(kind, backend, n, block_size, dtype):
 
 def test_default_backend_and_blocks_run_interpreted_on_cpu():
     # backend=None resolves to 'cpu' here, which selects the TPU kernels with interpret=True.
-    args = _inputs("softmax", 9, "float32")
+    args = noisy_unit_pair("softmax", 9, D, "float32")
     got = jax.jit(contrastive_loss)(*args)
     np.testing.assert_allclose(float(got), float(contrastive_loss_reference(*args)), rtol=1e-5)
 
@@ -103,7 +88,7 @@ def test_default_backend_and_blocks_run_interpreted_on_cpu():
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_matches_finite_differences(kind):
     # A directional derivative <grad, v> against the central difference of the kernel loss itself.
-    args = _inputs(kind, 6, "float32", seed=3)
+    args = noisy_unit_pair(kind, 6, D, "float32", seed=3)
     loss = jax.jit(lambda *a: contrastive_loss(*a, kind=kind, block_size=16, backend="gpu"))
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
     keys = jax.random.split(jax.random.PRNGKey(7), 4)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxbatch.losses.contrastive_specs import noisy_unit_pair
 from pallas_kernels.contrastive import tiles
 
 D = 24  # not a multiple of 128 (TPU: full-dim block) nor a power of two (GPU: zero-padded)
@@ -18,17 +19,6 @@ D = 24  # not a multiple of 128 (TPU: full-dim block) nor a power of two (GPU: z
 GRIDS = [("tpu", 5, 128), ("tpu", 130, 128), ("gpu", 5, 16), ("gpu", 40, 16)]
 CASES = [(*grid, "float32") for grid in GRIDS] + [("tpu", 130, 128, "bfloat16")]
 CASES += [("gpu", 40, 16, "bfloat16")]
-
-
-def _block(kind, n, dtype, seed=0):
-    """A local x shard and a y block (unit rows, y a noisy copy of x), scale and bias."""
-    rng = np.random.default_rng(seed + n)
-    x = rng.standard_normal((n, D))
-    y = x + rng.standard_normal((n, D))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    y /= np.linalg.norm(y, axis=1, keepdims=True)
-    scale, bias = (10.0, -10.0) if kind == "sigmoid" else (10.0, 0.3)
-    return jnp.asarray(x, dtype), jnp.asarray(y, dtype), jnp.float32(scale), jnp.float32(bias)
 
 
 def _lse(a, axis):
@@ -71,7 +61,7 @@ def _plan(kind, backend, n, block, dtype):
 @pytest.mark.parametrize("backend,n,block,dtype", CASES)
 @pytest.mark.parametrize("kind", ["softmax", "decoupled"])
 def test_lse_block_and_its_gradients(kind, backend, n, block, dtype, home):
-    x, y, scale, bias = _block(kind, n, dtype)
+    x, y, scale, bias = noisy_unit_pair(kind, n, D, dtype)
     plan = _plan(kind, backend, n, block, dtype)
     want = numpy_partials(kind, x, y, scale, bias, home)
     # Global statistics stand in for the whole ring: the block's own LSE plus what the other
@@ -103,7 +93,7 @@ def test_lse_block_and_its_gradients(kind, backend, n, block, dtype, home):
 @pytest.mark.parametrize("home", [True, False])
 @pytest.mark.parametrize("backend,n,block,dtype", CASES)
 def test_sigmoid_block_and_its_gradients(backend, n, block, dtype, home):
-    x, y, scale, bias = _block("sigmoid", n, dtype)
+    x, y, scale, bias = noisy_unit_pair("sigmoid", n, D, dtype)
     plan = _plan("sigmoid", backend, n, block, dtype)
     want = numpy_partials("sigmoid", x, y, scale, bias, home)
 
@@ -125,7 +115,7 @@ def test_home_and_off_home_blocks_sum_to_the_whole_loss():
     # Two shards: the SigLIP loss of the 2n batch is the sum of the four block partials, each
     # x shard meeting its home block once and the other shard's block off home.
     kind, n = "sigmoid", 5
-    x, y, scale, bias = _block(kind, 2 * n, "float32", seed=3)
+    x, y, scale, bias = noisy_unit_pair(kind, 2 * n, D, "float32", seed=3)
     plan = _plan(kind, "tpu", n, 128, "float32")
     parts = []
     for a in range(2):
