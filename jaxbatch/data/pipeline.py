@@ -44,7 +44,8 @@ def default_read_options() -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def _num_examples(data: Data) -> int:
+def num_examples(data: Data) -> int:
+    """Examples in a dict of arrays or a random-access source (checked non-empty)."""
     if isinstance(data, Mapping):
         return files.check_arrays(data)
     if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
@@ -86,10 +87,11 @@ class _Mapper:
         return list(self._pool.map(fn, *iterables))
 
 
-def _fetcher(
+def make_fetcher(
     data: Data, transform: Transform | None, threads: int = 1
 ) -> Callable[[np.ndarray], Example]:
-    """Returns fetch(indices) -> dict of stacked arrays [len(indices), ...]."""
+    """fetch(indices) -> dict of stacked arrays [len(indices), ...], through ``transform`` (in
+    ``threads`` threads) when given; one vectorised take per array for untransformed arrays."""
     if isinstance(data, Mapping) and transform is None:
         return lambda indices: {k: np.asarray(v)[indices] for k, v in data.items()}
     mapper = _Mapper(threads)
@@ -220,7 +222,7 @@ def make_train_iterator(
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if num_epochs is not None and (not isinstance(num_epochs, int | np.integer) or num_epochs < 1):
         raise ValueError(f"num_epochs must be None or a positive integer, got {num_epochs!r}")
-    n = _num_examples(data)
+    n = num_examples(data)
     global_batch = batch_size * shard_count
     if global_batch > n:
         raise ValueError(
@@ -244,7 +246,7 @@ def make_train_iterator(
     local_steps = len(ds)
     ds = ds.repeat(num_epochs)
     if random_transform is None:
-        fetch = _fetcher(data, transform, transform_threads)
+        fetch = make_fetcher(data, transform, transform_threads)
         _check_example(fetch)
         ds = ds.map(fetch)
     else:
@@ -291,8 +293,8 @@ def make_eval_batches(
       [batch_size, ...] plus ``'mask'``: bool [batch_size], True for real examples.
     """
     _check_sharding(batch_size, shard_index, shard_count)
-    n = _num_examples(data)
-    fetch = _fetcher(data, transform, transform_threads)
+    n = num_examples(data)
+    fetch = make_fetcher(data, transform, transform_threads)
     template = _check_example(fetch)
     if MASK_KEY in template:
         raise ValueError(f"examples already have a {MASK_KEY!r} key; eval batches add their own")

@@ -38,7 +38,7 @@ class DataSplit:
     fields: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
-        return pipeline._num_examples(self.data)
+        return pipeline.num_examples(self.data)
 
     @property
     def is_arrays(self) -> bool:
@@ -80,7 +80,7 @@ class DataSplit:
 
     def examples(self, indices: Sequence[int]) -> Example:
         """Examples ``indices`` through the evaluation transform, stacked: {field: [k, ...]}."""
-        fetch = pipeline._fetcher(self.data, self._eval_transform())
+        fetch = pipeline.make_fetcher(self.data, self._eval_transform())
         return fetch(np.asarray(indices, np.int64))
 
     def train_iterator(self, **kwargs) -> grain.DatasetIterator:

@@ -56,6 +56,12 @@ class Run:
     def total_steps(self) -> int:
         return self.cfg.total_samples // self.cfg.batch_size
 
+    @functools.cached_property
+    def bn_stats_fn(self):
+        """Jitted ``precise_bn.make_stats_fn(task)`` under the mesh (compiled once per run)."""
+        stats = precise_bn.make_stats_fn(self.task)
+        return jax.jit(traced_under_mesh(stats, self.mesh, self.rules))
+
 
 def _log(message: str) -> None:
     if jax.process_index() == 0:
@@ -411,7 +417,7 @@ def with_precise_bn(run: Run, state, train_data: jdata.DataSplit):
     batches = [
         parallel.make_global_batch(next(iterator), run.mesh) for _ in range(cfg.precise_bn_batches)
     ]
-    stats_fn = jax.jit(traced_under_mesh(precise_bn.make_stats_fn(run.task), run.mesh, run.rules))
+    stats_fn = run.bn_stats_fn
     model_state = precise_bn.recompute_batch_stats(
         stats_fn, state.params, state.model_state, batches
     )
