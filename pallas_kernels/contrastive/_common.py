@@ -37,6 +37,15 @@ GPU_MIN_BLOCK = 16
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
+
+def check_supported_dtype(dtype) -> None:
+    """Raises NotImplementedError (so 'auto' can fall back to XLA) for a dtype without kernels."""
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        raise NotImplementedError(
+            f"contrastive Pallas kernels support {[str(t) for t in SUPPORTED_DTYPES]}, got {dtype}"
+        )
+
+
 _NT_DIMS = (((1,), (1,)), ((), ()))  # contract the feature dim of both operands: a · bᵀ
 _NN_DIMS = (((1,), (0,)), ((), ()))  # plain a · b
 

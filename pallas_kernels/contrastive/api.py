@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.contrastive import _common, gpu, tpu
-from pallas_kernels.contrastive._common import KINDS, SUPPORTED_DTYPES, BlockSizes, Plan
+from pallas_kernels.contrastive._common import KINDS, BlockSizes, Plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 # jax.default_backend() names -> kernel family; 'cpu' runs the TPU kernels in interpret mode.
@@ -145,11 +145,7 @@ def _check_inputs(x, y, logit_scale, logit_bias, kind) -> None:
         raise ValueError(f"logit_bias must be a scalar or None, got shape {np.shape(logit_bias)}")
     if x.dtype != y.dtype:
         raise NotImplementedError(f"x and y must share a dtype, got {x.dtype} and {y.dtype}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(
-            f"contrastive Pallas kernels support {[str(t) for t in SUPPORTED_DTYPES]}, "
-            f"got {x.dtype}"
-        )
+    _common.check_supported_dtype(x.dtype)
 
 
 def _block_sizes(block_size, family: str, n: int, d: int, dtype) -> BlockSizes:

@@ -35,8 +35,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.contrastive import gpu, tpu
-from pallas_kernels.contrastive._common import KINDS, SUPPORTED_DTYPES, BlockSizes, Plan
+from pallas_kernels.contrastive import _common, gpu, tpu
+from pallas_kernels.contrastive._common import KINDS, BlockSizes, Plan
 from pallas_kernels.contrastive.api import resolve_plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
@@ -69,10 +69,7 @@ def block_plan(
     if n < 1 or d < 1:
         raise ValueError(f"the shards need n >= 1 and d >= 1, got [n, d] = [{n}, {d}]")
     dtype = jnp.dtype(dtype)
-    if dtype not in SUPPORTED_DTYPES:
-        raise NotImplementedError(
-            f"contrastive Pallas kernels support {[str(t) for t in SUPPORTED_DTYPES]}, got {dtype}"
-        )
+    _common.check_supported_dtype(dtype)
     return resolve_plan(kind, n, d, dtype, block_size, backend, interpret)
 
 
