@@ -51,6 +51,8 @@ class DataSplit:
           ValueError: a field the examples do not have (names the fields they do have).
         """
         fields = tuple(fields)
+        if fields == self.fields:  # already selected (and checked): no example to decode again
+            return self
         available = tuple(self.data) if self.is_arrays else tuple(self.examples([0]))
         missing = [f for f in fields if f not in available]
         if missing:

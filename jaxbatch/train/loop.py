@@ -297,6 +297,7 @@ def train(
     """
     train_data = jdata.load_split(cfg.dataset.name, "train", **cfg.dataset.options)
     run = build(cfg, train_data=train_data, devices=devices)
+    train_data = train_data.select(run.task.fields)
     cfg = run.cfg
     for change in run.changes:
         _log(
@@ -314,6 +315,7 @@ def train(
         f"{run.total_steps} steps at batch {cfg.batch_size}"
     )
     test_data = jdata.load_split(cfg.dataset.name, "test", **cfg.dataset.options)
+    test_data = test_data.select(run.task.fields)
     is_main = jax.process_index() == 0
     run_dir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
     if is_main:
@@ -323,7 +325,7 @@ def train(
     checkpointer = ckpt.Checkpointer(str(run_dir / "checkpoints"), max_to_keep=cfg.max_checkpoints)
     state, data_state = init_or_restore(run, checkpointer)
     local_batch = cfg.batch_size // jax.process_count()
-    iterator = train_data.select(run.task.fields).train_iterator(
+    iterator = train_data.train_iterator(
         batch_size=local_batch,
         seed=cfg.seed,
         shard_index=jax.process_index(),

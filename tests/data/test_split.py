@@ -32,6 +32,7 @@ def _split():
 
 def test_examples_use_the_evaluation_transform_and_keep_selected_fields():
     split = _split().select(["x"])
+    assert split.select(("x",)) is split  # selecting again decodes nothing
     got = split.examples([3, 5])
     assert set(got) == {"x"}
     np.testing.assert_array_equal(got["x"], [6.0, 10.0])
