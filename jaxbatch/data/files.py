@@ -130,7 +130,8 @@ def write_example_shards(
     """Streams examples into ``num_shards`` ArrayRecord files (example i -> shard i mod count).
 
     Nothing is held in memory beyond one example, so a 150 GB image folder converts on a small
-    machine. Read the result back with :func:`shard_paths` and :class:`ArrayRecordExamples`.
+    machine. If ``examples`` raises, the shards written so far are removed before it propagates.
+    Read the result back with :func:`shard_paths` and :class:`ArrayRecordExamples`.
 
     Args:
       examples: dicts of arrays (one per record), e.g. {'image': uint8 JPEG bytes, 'label': int}.
@@ -166,17 +167,20 @@ def write_example_shards(
         for i in range(num_shards)
     ]
     writers = [ArrayRecordWriter(p, options) for p in paths]
-    count = 0
+    count, complete = 0, False
     try:
         for example in examples:
             writers[count % num_shards].write(encode_example(example))
             count += 1
+        complete = True
     finally:
         for writer in writers:
             writer.close()
+        if not complete or count == 0:  # no partial or empty shard set is left behind
+            for p in paths:
+                if os.path.isfile(p):
+                    os.remove(p)
     if count == 0:
-        for p in paths:
-            os.remove(p)
         raise ValueError(f"no examples to write for {name}/{split}")
     return paths, count
 

@@ -198,19 +198,9 @@ def convert_image_folder(
     examples = image_folder_examples(paths, labels)
     if verify:
         examples = _checked(examples, paths)
-    try:
-        shards, count = files.write_example_shards(
-            examples, out_dir=out_dir, name=name, split=split, num_shards=num_shards
-        )
-    except BaseException:
-        if isinstance(num_shards, int) and num_shards >= 1:
-            for i in range(num_shards):
-                partial = os.path.join(
-                    os.fspath(out_dir), files.shard_name(name, split, i, num_shards)
-                )
-                if os.path.isfile(partial):
-                    os.remove(partial)
-        raise
+    shards, count = files.write_example_shards(  # removes its partial shards on failure
+        examples, out_dir=out_dir, name=name, split=split, num_shards=num_shards
+    )
     tmp = json_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(class_names, f, indent=0)

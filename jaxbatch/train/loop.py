@@ -419,15 +419,14 @@ def with_precise_bn(run: Run, state, train_data: jdata.DataSplit):
     batches = [
         parallel.make_global_batch(next(iterator), run.mesh) for _ in range(cfg.precise_bn_batches)
     ]
-    stats_fn = run.bn_stats_fn
     model_state = precise_bn.recompute_batch_stats(
-        stats_fn, state.params, state.model_state, batches
+        run.bn_stats_fn, state.params, state.model_state, batches
     )
     state = state.replace(model_state=model_state)
     if run.ema is not None:
         ema = dict(state.ema_state.ema)
         ema_params = ema.pop("params")
-        ema_state = precise_bn.recompute_batch_stats(stats_fn, ema_params, ema, batches)
+        ema_state = precise_bn.recompute_batch_stats(run.bn_stats_fn, ema_params, ema, batches)
         state = state.replace(
             ema_state=state.ema_state._replace(ema={"params": ema_params, **ema_state})
         )

@@ -99,3 +99,16 @@ def test_example_shards_round_trip_and_completeness(tmp_path):
         files.write_example_shards([], out_dir=tmp_path, name="toy", split="val")
     with pytest.raises(ValueError, match="plain identifier"):
         files.write_example_shards(examples, out_dir=tmp_path, name="a/b", split="train")
+
+
+def test_a_failing_example_stream_leaves_no_partial_shards(tmp_path):
+    def examples():
+        for i in range(5):
+            yield {"x": np.arange(3) + i}
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        files.write_example_shards(
+            examples(), out_dir=tmp_path, name="toy", split="train", num_shards=2
+        )
+    assert not list(tmp_path.glob("toy-train.*"))
