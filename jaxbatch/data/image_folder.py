@@ -108,11 +108,16 @@ def list_image_folder(
 
 
 def image_folder_examples(
-    paths: Sequence[str | os.PathLike], labels: Iterable[int] | np.ndarray
+    paths: Sequence[str | os.PathLike],
+    labels: Iterable[int] | np.ndarray,
+    *,
+    verify: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields ``{'image': uint8 [n] file bytes, 'label': int32 []}`` per file, one at a time.
 
     The bytes are the file's own (not re-encoded), so JPEG quality is kept and records stay small.
+    With ``verify`` each file is decoded once and one that does not decode raises ``ValueError``
+    naming it.
     """
     labels = np.asarray(labels)
     if labels.shape != (len(paths),) or not np.issubdtype(labels.dtype, np.integer):
@@ -121,18 +126,7 @@ def image_folder_examples(
             f"{labels.shape}"
         )
     for path, label in zip(paths, labels, strict=True):
-        with open(path, "rb") as f:
-            data = f.read()
-        yield {"image": np.frombuffer(data, np.uint8), "label": np.int32(label)}
-
-
-def _checked(examples: Iterator[dict], paths: Sequence[str]) -> Iterator[dict]:
-    for path, example in zip(paths, examples, strict=True):
-        try:
-            images.decode_image(example["image"])
-        except ValueError as error:
-            raise ValueError(f"image file {os.fspath(path)!r} does not decode: {error}") from error
-        yield example
+        yield {"image": images.read_image_file(path, verify=verify), "label": np.int32(label)}
 
 
 def classes_path(data_dir: str | os.PathLike, name: str) -> str:
@@ -195,9 +189,7 @@ def convert_image_folder(
                 f"{len(class_names)} (differing names {differ or 'none: the order differs'}); "
                 "pass classes=load_classes(out_dir, name) or use a fresh out_dir"
             )
-    examples = image_folder_examples(paths, labels)
-    if verify:
-        examples = _checked(examples, paths)
+    examples = image_folder_examples(paths, labels, verify=verify)
     shards, count = files.write_example_shards(  # removes its partial shards on failure
         examples, out_dir=out_dir, name=name, split=split, num_shards=num_shards
     )

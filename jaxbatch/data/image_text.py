@@ -74,14 +74,7 @@ def image_text_examples(
       verify: decode every image once and raise ``ValueError`` naming a file that does not decode.
     """
     for path, caption in pairs:
-        with open(path, "rb") as f:
-            encoded = f.read()
-        if verify:
-            try:
-                images.decode_image(encoded)
-            except ValueError as err:
-                raise ValueError(f"{os.fspath(path)!r}: {err}") from err
-        image = np.frombuffer(encoded, np.uint8)
+        image = images.read_image_file(path, verify=verify)
         if isinstance(caption, str):
             if not caption:
                 raise ValueError(f"caption of {os.fspath(path)!r} must be a non-empty str")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -107,6 +108,23 @@ def _to_rgb(image: Image.Image, data: bytes) -> Image.Image:
         image = Image.fromarray(grey.astype(np.uint8), mode="L")
     # Alpha is dropped, as torchvision's loader (convert('RGB')) and TF's decode_image do.
     return image.convert("RGB")
+
+
+def read_image_file(path, *, verify: bool = True) -> np.ndarray:
+    """An image file's own bytes as uint8 [n] (how records store them, not re-encoded).
+
+    Args:
+      path: the file.
+      verify: decode it once and raise ``ValueError`` naming the file if it does not decode.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if verify:
+        try:
+            decode_image(data)
+        except ValueError as error:
+            raise ValueError(f"image file {os.fspath(path)!r} does not decode: {error}") from error
+    return np.frombuffer(data, np.uint8)
 
 
 def decode_image(encoded: bytes | np.ndarray) -> Image.Image:
