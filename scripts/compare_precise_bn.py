@@ -25,15 +25,13 @@ def compare(config: str, momenta: list[float], batches: int, overrides: list[str
     for momentum in momenta:
         cfg = config_lib.load_config(config, [*overrides, f"model.bn_momentum={momentum}"])
         with tempfile.TemporaryDirectory() as workdir:
-            summary = loop.train(cfg, workdir, progress=False)
+            summary = loop.train(cfg, workdir, progress=False)  # running statistics only
+        with cfg.unlocked():
+            cfg.precise_bn_batches = batches
         run = loop.build(cfg)
         train = jdata.load_split(cfg.dataset.name, "train", **cfg.dataset.options)
         test = jdata.load_split(cfg.dataset.name, "test", **cfg.dataset.options)
-        precise_cfg = config_lib.load_config(
-            config, [*overrides, f"model.bn_momentum={momentum}", f"precise_bn_batches={batches}"]
-        )
-        precise_run = loop.build(precise_cfg)
-        state = loop.with_precise_bn(precise_run, summary["state"], train)
+        state = loop.with_precise_bn(run, summary["state"], train)
         metric = run.task.primary_metric
         rows.append(
             {
