@@ -66,3 +66,37 @@ def partitioned(init: Callable[..., Any], names: LogicalNames) -> Callable[..., 
 def constrain(x: jax.Array, names: LogicalNames) -> jax.Array:
     """Constrains an activation's sharding by logical names (a no-op without mesh rules)."""
     return nn.with_logical_constraint(x, _check_names(names))
+
+
+def stacked_layer_axes(variables: Any) -> Any:
+    """Per leaf, the position of the 'layers' axis (stacked, scanned blocks), or None.
+
+    ``nn.scan(..., metadata_params={nn.PARTITION_NAME: 'layers'})`` prepends the logical name
+    'layers' to every parameter of the scanned block, so the stacked ``[L, ...]`` leaves say
+    which of their axes runs over layers. Per-layer optimizers (LARS, LAMB) need that axis to give
+    every layer slice its own trust ratio: it is the ``layer_axes`` argument of
+    ``jaxbatch.optim.lars`` / ``lamb`` / ``scale_by_trust_ratio``.
+
+    Args:
+      variables: a tree boxed in ``nn.LogicallyPartitioned`` (the output of ``model.init`` or of
+        ``jax.eval_shape`` of it, before ``nn.meta.unbox``); unboxed leaves count as unstacked.
+
+    Returns:
+      A tree shaped like ``nn.meta.unbox(variables)`` of ``int | None``.
+
+    Raises:
+      ValueError: a leaf names 'layers' more than once (the layer axis would be ambiguous).
+    """
+
+    def axis(path, leaf):
+        names = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else ()
+        if names.count(LAYERS) > 1:
+            raise ValueError(
+                f"parameter {jax.tree_util.keystr(path)} names the logical axis {LAYERS!r} "
+                f"{names.count(LAYERS)} times ({names}); nested scans need distinct names"
+            )
+        return names.index(LAYERS) if LAYERS in names else None
+
+    return jax.tree_util.tree_map_with_path(
+        axis, variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+    )

@@ -95,6 +95,16 @@ def merge_micro_batches(tree, micro_batches: int):
     return jax.tree.map(leaf, tree)
 
 
+def micro_batch_rng(rng: jax.Array, index) -> jax.Array:
+    """The key of micro-batch ``index`` of a step whose key is ``rng``: ``fold_in(rng, index)``.
+
+    ``accumulate(..., rng=)`` hands this key to ``grad_fn`` for micro-batch ``index``; a caller
+    that embeds the micro-batches in a separate pass (gradient caching) derives the same key here,
+    so both passes of one micro-batch draw the same dropout masks.
+    """
+    return jax.random.fold_in(rng, index)
+
+
 def accumulate(
     inner: optax.GradientTransformation,
     micro_batches: int,
@@ -132,6 +142,11 @@ def accumulate(
       micro-batch j holds examples j, j + k, j + 2k, ... (a strided split, so that a batch
       sharded along B spreads every micro-batch over all shards). Every other keyword argument
       is passed on to ``inner``.
+    * ``acc.update(None, state, params, grad_fn=grad_fn, batch=batch, rng=key)``: stochastic
+      losses (dropout). ``grad_fn`` is then called as ``grad_fn(params, m_j, rng_j)`` with
+      ``rng_j = micro_batch_rng(key, j) = fold_in(key, j)``, so every micro-batch draws its own
+      masks (one key for all of them would repeat one mask k times, which is not the full-batch
+      gradient of a dropout model: the k micro-batches of a step would share their noise).
     * ``updates, state = acc.update(grads, state, params)`` without ``grad_fn``: ``grads`` go to
       ``inner`` unchanged, ``noise`` and ``aux`` keep their values. This is what ``optax.chain``
       or a caller with ready-made gradients does.
@@ -191,11 +206,21 @@ def accumulate(
         return AccumulateState(inner.init(params), _empty_noise(), aux_zeros)
 
     def update_fn(
-        updates, state, params=None, *, grad_fn: Callable | None = None, batch=None, **extra_args
+        updates,
+        state,
+        params=None,
+        *,
+        grad_fn: Callable | None = None,
+        batch=None,
+        rng: jax.Array | None = None,
+        **extra_args,
     ):
         if grad_fn is None:
-            if batch is not None:
-                raise ValueError("accumulate got batch= without grad_fn=; pass both or neither")
+            for name, value in (("batch", batch), ("rng", rng)):
+                if value is not None:
+                    raise ValueError(
+                        f"accumulate got {name}= without grad_fn=; pass both or neither"
+                    )
             if updates is None:
                 raise ValueError("accumulate needs gradients: pass updates, or grad_fn= and batch=")
             new_updates, inner_state = inner.update(
@@ -211,21 +236,27 @@ def accumulate(
             raise ValueError("accumulate with grad_fn= needs params and batch=")
         batch_size = _batch_size(batch, micro_batches)
         micro = split_micro_batches(batch, micro_batches)
+        if rng is None:
+            call = lambda p, m, j: grad_fn(p, m)
+        else:
+            call = lambda p, m, j: grad_fn(p, m, micro_batch_rng(rng, j))
         grads_like, aux_like = jax.eval_shape(
-            lambda p, m: grad_fn(p, jax.tree.map(lambda x: x[0], m)), params, micro
+            lambda p, m: call(p, jax.tree.map(lambda x: x[0], m), 0), params, micro
         )
         _check_aux(aux_like, state.aux)
 
-        def body(carry, micro_batch):
+        def body(carry, indexed_micro_batch):
             grad_acc, sq_acc, aux_acc = carry
-            grads, aux = grad_fn(params, micro_batch)
+            index, micro_batch = indexed_micro_batch
+            grads, aux = call(params, micro_batch, index)
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_acc, grads)
             aux_acc = jax.tree.map(lambda a, x: a + jnp.asarray(x, acc_dtype), aux_acc, aux)
             return (grad_acc, sq_acc + _sq_norm(grads), aux_acc), None
 
         zeros = lambda like: jax.tree.map(lambda x: jnp.zeros(x.shape, acc_dtype), like)
         carry = (zeros(grads_like), jnp.zeros((), jnp.float32), zeros(aux_like))
-        (grad_sum, sq_sum, aux_sum), _ = jax.lax.scan(body, carry, micro)
+        indices = jnp.arange(micro_batches, dtype=jnp.int32)
+        (grad_sum, sq_sum, aux_sum), _ = jax.lax.scan(body, carry, (indices, micro))
 
         mean = jax.tree.map(lambda a: a / micro_batches, grad_sum)
         noise = GradNoiseStats(

@@ -14,8 +14,10 @@ Limited Setup", Section 3) keeps the full-batch objective at the memory of one m
 Step 3 runs inside ``optim.accumulate``, which averages k per-micro-batch gradients; micro-batch j
 therefore pulls back k·G_j and all of g_s, so the average is exactly ∇_θ L. The cotangents G ride
 in the batch under :data:`COTANGENT_KEY`, so ``accumulate`` splits them the same strided way as
-the inputs (and with the same sharding). Dropout uses the step's one key in both passes, so the
-re-embedding reproduces step 1 exactly. Cost: one extra forward pass.
+the inputs (and with the same sharding). Micro-batch j draws its dropout masks from its own key
+``optim.accumulate.micro_batch_rng(step_key, j)`` in both passes, so the re-embedding of step 3
+reproduces step 1 exactly while different micro-batches get independent masks. Cost: one extra
+forward pass.
 
 The per-micro-batch gradients of step 3 are not independent gradient estimates, so the
 gradient-noise scale (B_simple) is not computed from them.
@@ -28,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbatch.optim.accumulate import merge_micro_batches, split_micro_batches
+from jaxbatch.optim.accumulate import merge_micro_batches, micro_batch_rng, split_micro_batches
 
 COTANGENT_KEY = "_grad_cache_embedding_cotangents"
 
@@ -48,23 +50,27 @@ def embedding_cotangents(
     """
     k = micro_batches
 
-    def embed(micro_batch):
-        (per_example, shared), _ = task.embed_fn(params, model_state, micro_batch, rng)
+    def embed(indexed_micro_batch):
+        index, micro_batch = indexed_micro_batch
+        key = micro_batch_rng(rng, index)
+        (per_example, shared), _ = task.embed_fn(params, model_state, micro_batch, key)
         return per_example, shared
 
-    per_example, shared = jax.lax.map(embed, split_micro_batches(batch, k))
+    indices = jnp.arange(k, dtype=jnp.int32)
+    per_example, shared = jax.lax.map(embed, (indices, split_micro_batches(batch, k)))
     per_example = merge_micro_batches(per_example, k)
-    shared = jax.tree.map(lambda x: x[0], shared)  # the same in every micro-batch
+    shared = jax.tree.map(lambda x: x[0], shared)  # the same in every micro-batch (no dropout)
     (loss, vjp, metrics) = jax.vjp(task.pair_loss_fn, per_example, shared, has_aux=True)
     d_per_example, d_shared = vjp(jnp.ones_like(loss))
     d_per_example = jax.tree.map(lambda d: d * jnp.asarray(k, d.dtype), d_per_example)
     return {**batch, COTANGENT_KEY: d_per_example}, d_shared, loss, metrics
 
 
-def grad_fn_for(task, model_state: Any, rng: jax.Array, d_shared: Any, loss, metrics):
-    """Step 3 as ``grad_fn(params, micro_batch) -> (grads, aux)`` for ``optim.accumulate``."""
+def grad_fn_for(task, model_state: Any, d_shared: Any, loss, metrics):
+    """Step 3 as ``grad_fn(params, micro_batch, rng) -> (grads, aux)`` for
+    ``optim.accumulate(..., rng=step_key)``, which passes micro-batch j the key of step 1."""
 
-    def grad_fn(params, micro_batch):
+    def grad_fn(params, micro_batch, rng):
         micro_batch = dict(micro_batch)
         d_per_example = micro_batch.pop(COTANGENT_KEY)
 

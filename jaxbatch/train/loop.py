@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from jaxbatch import data as jdata
 from jaxbatch import parallel
+from jaxbatch.nn import axes as nn_axes
 from jaxbatch.train import checkpoint as ckpt
 from jaxbatch.train import config as config_lib
 from jaxbatch.train import grad_cache, precise_bn
@@ -159,7 +160,8 @@ def build(
         for f in task.fields
     }
     aux = step_lib.aux_shapes(task, abstract_params, abstract_model_state, abstract_micro)
-    tx = optimizer_lib.make_optimizer(cfg, aux_shapes=aux)
+    layer_axes = nn_axes.stacked_layer_axes(abstract_vars)["params"]
+    tx = optimizer_lib.make_optimizer(cfg, aux_shapes=aux, layer_axes=layer_axes)
     ema = optimizer_lib.make_ema(cfg)
     init = functools.partial(step_lib.init_state, task, tx, ema)
     abstract_state = jax.eval_shape(init, rng, init_batch)

@@ -37,8 +37,16 @@ def _mask(cfg: ml_collections.ConfigDict):
     return optim.masks.exclude_bias_and_norm if cfg.optimizer.mask != "none" else None
 
 
-def make_inner_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The optimizer applied to the mean gradient of one step."""
+def make_inner_optimizer(
+    cfg: ml_collections.ConfigDict, *, layer_axes=None
+) -> optax.GradientTransformation:
+    """The optimizer applied to the mean gradient of one step.
+
+    ``layer_axes``: per parameter, its stacked-layer axis or None (``nn.axes.stacked_layer_axes``
+    of the model's variables). LARS and LAMB then give every layer slice of a scanned block its
+    own trust ratio, as the papers define them per layer (You et al. 2017, Alg. 1; You et al.
+    2019, Alg. 2): a scanned model takes the same update as its unscanned twin.
+    """
     o = cfg.optimizer
     lr = make_schedule(cfg)
     mask = _mask(cfg)
@@ -60,6 +68,7 @@ def make_inner_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransf
             trust_ratio_mask=mask,
             min_ratio=o.min_ratio or None,
             max_ratio=o.max_ratio or None,
+            layer_axes=layer_axes,
         )
     elif o.name == "lars":
         tx = optim.lars(
@@ -70,6 +79,7 @@ def make_inner_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransf
             trust_coefficient=o.trust_coefficient,
             weight_decay_mask=mask,
             trust_ratio_mask=mask,
+            layer_axes=layer_axes,
         )
     else:
         raise ValueError(f"optimizer.name={o.name!r}; unknown optimizer")
@@ -78,12 +88,14 @@ def make_inner_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransf
     return tx
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None):
+def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axes=None):
     """``optim.accumulate`` around the inner optimizer: one jitted step over micro-batches.
 
-    ``aux_shapes``: shapes of what the loss reports per micro-batch (see ``optim.accumulate``).
+    ``aux_shapes``: shapes of what the loss reports per micro-batch (see ``optim.accumulate``);
+    ``layer_axes``: see :func:`make_inner_optimizer`.
     """
-    return optim.accumulate(make_inner_optimizer(cfg), cfg.micro_batches, aux_shapes=aux_shapes)
+    inner = make_inner_optimizer(cfg, layer_axes=layer_axes)
+    return optim.accumulate(inner, cfg.micro_batches, aux_shapes=aux_shapes)
 
 
 def make_ema(cfg: ml_collections.ConfigDict):

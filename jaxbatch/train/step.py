@@ -62,10 +62,14 @@ def init_state(task: Task, tx, ema, rng: jax.Array, init_batch: dict) -> TrainSt
     )
 
 
-def grad_fn_for(task: Task, model_state: Any, rng: jax.Array):
-    """``grad_fn(params, micro_batch) -> (grads, aux)`` as ``optim.accumulate`` wants it."""
+def grad_fn_for(task: Task, model_state: Any):
+    """``grad_fn(params, micro_batch, rng) -> (grads, aux)`` as ``optim.accumulate(rng=)`` calls it.
 
-    def grad_fn(params, micro_batch):
+    ``rng`` is the micro-batch's own key (``optim.accumulate.micro_batch_rng`` of the step key), so
+    the dropout masks of the k micro-batches of one step are independent draws.
+    """
+
+    def grad_fn(params, micro_batch, rng):
         (loss, (metrics, new_model_state)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
             params, model_state, micro_batch, rng
         )
@@ -81,8 +85,8 @@ def aux_shapes(task: Task, params: Any, model_state: Any, micro_batch: dict) -> 
     """
 
     def aux(params, model_state, micro_batch):
-        grad_fn = grad_fn_for(task, model_state, jax.random.PRNGKey(0))
-        return grad_fn(params, micro_batch)[1]
+        grad_fn = grad_fn_for(task, model_state)
+        return grad_fn(params, micro_batch, jax.random.PRNGKey(0))[1]
 
     return jax.eval_shape(aux, params, model_state, micro_batch)
 
@@ -98,13 +102,11 @@ def make_train_step(task: Task, tx, ema, *, micro_batches: int):
             batch, d_shared, loss, loss_metrics = grad_cache.embedding_cotangents(
                 task, state.params, state.model_state, batch, step_rng, micro_batches
             )
-            grad_fn = grad_cache.grad_fn_for(
-                task, state.model_state, step_rng, d_shared, loss, loss_metrics
-            )
+            grad_fn = grad_cache.grad_fn_for(task, state.model_state, d_shared, loss, loss_metrics)
         else:
-            grad_fn = grad_fn_for(task, state.model_state, step_rng)
+            grad_fn = grad_fn_for(task, state.model_state)
         updates, opt_state = tx.update(
-            None, state.opt_state, state.params, grad_fn=grad_fn, batch=batch
+            None, state.opt_state, state.params, grad_fn=grad_fn, batch=batch, rng=step_rng
         )
         params = optax.apply_updates(state.params, updates)
         aux = opt_state.aux

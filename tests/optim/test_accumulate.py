@@ -11,7 +11,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxbatch.optim.accumulate import AccumulateState, GradNoiseStats, accumulate
+from jaxbatch.optim.accumulate import (
+    AccumulateState,
+    GradNoiseStats,
+    accumulate,
+    micro_batch_rng,
+)
 from jaxbatch.stats import noise_scale_from_two_batches
 
 AUX = {"loss": jax.ShapeDtypeStruct((), jnp.float32)}
@@ -229,5 +234,34 @@ def test_update_argument_errors():
         acc.update(params, state, params, grad_fn=_grad_fn, batch=batch)
     with pytest.raises(ValueError, match="batch= without grad_fn="):
         acc.update(params, state, params, batch=batch)
+    with pytest.raises(ValueError, match="rng= without grad_fn="):
+        acc.update(params, state, params, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="needs gradients"):
         acc.update(None, state, params)
+
+
+def test_rng_gives_each_micro_batch_its_own_key():
+    """With rng=, grad_fn(params, m_j, fold_in(rng, j)): dropout-style noise per micro-batch."""
+    params, batch = _setup()
+    k, key = 4, jax.random.PRNGKey(5)
+
+    def noisy_grad_fn(params, micro_batch, rng):
+        keep = jax.random.bernoulli(rng, 0.5, micro_batch["x"].shape).astype(jnp.float32)
+        dropped = {**micro_batch, "x": micro_batch["x"] * keep * 2.0}
+        grads, aux = _grad_fn(params, dropped)
+        return grads, {**aux, "kept": keep.mean()}
+
+    aux = {**AUX, "kept": jax.ShapeDtypeStruct((), jnp.float32)}
+    acc = accumulate(optax.identity(), k, aux_shapes=aux)
+    got, _ = jax.jit(
+        lambda p, b: acc.update(None, acc.init(p), p, grad_fn=noisy_grad_fn, batch=b, rng=key)
+    )(params, batch)
+
+    micro = [jax.tree.map(lambda x, j=j: x[j::k], batch) for j in range(k)]
+    keys = [micro_batch_rng(key, j) for j in range(k)]
+    per_micro = [noisy_grad_fn(params, m, r)[0] for m, r in zip(micro, keys, strict=True)]
+    want = jax.tree.map(lambda *g: sum(g) / k, *per_micro)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+    shared = [noisy_grad_fn(params, m, key)[0] for m in micro]  # one key for all: another mean
+    shared = jax.tree.map(lambda *g: sum(g) / k, *shared)
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, got, shared))) > 1e-3

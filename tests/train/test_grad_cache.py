@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from jaxbatch import optim
 from jaxbatch.data import load_arrays
-from jaxbatch.optim.accumulate import merge_micro_batches, split_micro_batches
+from jaxbatch.optim.accumulate import merge_micro_batches, micro_batch_rng, split_micro_batches
 from jaxbatch.train import config as config_lib
 from jaxbatch.train import grad_cache, loop, step, tasks
 from jaxbatch.train.tasks import split_variables
@@ -48,13 +48,13 @@ def _accumulated_grads(task, params, model_state, batch, rng, k, *, cached):
         batch, d_shared, loss, metrics = grad_cache.embedding_cotangents(
             task, params, model_state, batch, rng, k
         )
-        grad_fn = grad_cache.grad_fn_for(task, model_state, rng, d_shared, loss, metrics)
+        grad_fn = grad_cache.grad_fn_for(task, model_state, d_shared, loss, metrics)
     else:
-        grad_fn = step.grad_fn_for(task, model_state, rng)
+        grad_fn = step.grad_fn_for(task, model_state)
     first = jax.tree.map(lambda x: x[0], split_micro_batches(batch, k))
-    aux = jax.eval_shape(lambda p, b: grad_fn(p, b)[1], params, first)
+    aux = jax.eval_shape(lambda p, b: grad_fn(p, b, rng)[1], params, first)
     tx = optim.accumulate(optax.identity(), k, aux_shapes=aux)
-    grads, state = tx.update(None, tx.init(params), params, grad_fn=grad_fn, batch=batch)
+    grads, state = tx.update(None, tx.init(params), params, grad_fn=grad_fn, batch=batch, rng=rng)
     return grads, state.aux["loss"]
 
 
@@ -63,15 +63,18 @@ def test_cached_accumulation_equals_the_full_batch_gradient(kind):
     task, params, model_state, batch = _setup(kind)
     rng = jax.random.PRNGKey(7)
     # The full-batch reference sees the same dropout masks: micro-batch j of the strided split
-    # is embedded with the step's key in both, so embed the full batch micro-batch by
-    # micro-batch here too and differentiate the loss of all B embeddings.
+    # is embedded with its own key micro_batch_rng(rng, j) in both passes, so embed the full
+    # batch micro-batch by micro-batch with those keys here and differentiate the loss of all
+    # B embeddings.
     k = 4
 
     def full_loss(p):
-        def embed(mb):
-            return task.embed_fn(p, model_state, mb, rng)[0]
+        def embed(indexed):
+            j, mb = indexed
+            return task.embed_fn(p, model_state, mb, micro_batch_rng(rng, j))[0]
 
-        per_example, shared = jax.lax.map(embed, split_micro_batches(batch, k))
+        micro = split_micro_batches(batch, k)
+        per_example, shared = jax.lax.map(embed, (jnp.arange(k), micro))
         per_example = merge_micro_batches(per_example, k)
         return task.pair_loss_fn(per_example, jax.tree.map(lambda x: x[0], shared))[0]
 
