@@ -80,7 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.0  # per-step decay at reference_batch_size; 0 = no EMA
-    c.ema.warmup_steps = 0
+    # Linear ramp of the decay from 0 over this many samples (optim.model_ema's warm-up), stated
+    # in samples like the schedule so it ends at the same point of training at every batch size.
+    c.ema.warmup_samples = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # contrastive: softmax | sigmoid | decoupled
@@ -119,10 +121,22 @@ def _flatten(cfg, prefix=""):
             yield path, value
 
 
+# Keys that were renamed: the error says what replaced them.
+_RENAMED = {
+    "ema.warmup_steps": "ema.warmup_samples (in samples: the ramp then ends at the same point of "
+    "training whatever the batch size)",
+}
+
+
 def check_known_keys(cfg: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for every key that the schema does not declare."""
     known = dict(_flatten(default_config()))
     unknown = [path for path, _ in _flatten(cfg) if path not in known]
+    renamed = [path for path in unknown if path in _RENAMED]
+    if renamed:
+        raise ConfigError(
+            f"config.{renamed[0]} is no longer a key; use config.{_RENAMED[renamed[0]]}"
+        )
     if unknown:
         raise ConfigError(
             f"unknown config key(s) {unknown}; known keys are: {sorted(known)} "
@@ -184,6 +198,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     )
     _require(
         0.0 <= cfg.ema.decay < 1.0, f"config.ema.decay={cfg.ema.decay}; expected 0 <= decay < 1"
+    )
+    _require(
+        isinstance(cfg.ema.warmup_samples, int) and cfg.ema.warmup_samples >= 0,
+        f"config.ema.warmup_samples={cfg.ema.warmup_samples!r}; expected an integer >= 0",
     )
     for key in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
         _require(cfg[key] >= 0, f"config.{key}={cfg[key]}; expected >= 0")

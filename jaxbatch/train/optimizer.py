@@ -99,9 +99,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axe
 
 
 def make_ema(cfg: ml_collections.ConfigDict):
-    """The model EMA, or None. ``ema.decay`` is already rescaled to ``batch_size``."""
+    """The model EMA, or None. ``ema.decay`` is already rescaled to ``batch_size``.
+
+    The warm-up ramp is ``ema.warmup_samples / batch_size`` steps (a float: the decay after t
+    steps is ρ·min(1, t·B / warmup_samples)), so like the learning-rate schedule it ends after the
+    same number of samples at every batch size.
+    """
     if cfg.ema.decay == 0.0:
         return None
     return optim.model_ema(
-        cfg.ema.decay, batch_size=cfg.batch_size, warmup_steps=cfg.ema.warmup_steps
+        cfg.ema.decay,
+        batch_size=cfg.batch_size,
+        warmup_steps=cfg.ema.warmup_samples / cfg.batch_size,
     )

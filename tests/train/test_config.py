@@ -1,8 +1,11 @@
 """Config loading and validation: every bad config fails before any work, naming the bad value."""
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbatch.train import config as config_lib
+from jaxbatch.train import optimizer as optimizer_lib
 
 CONFIGS = ["configs/digits_resnet_lars.py", "configs/codesearch_clip.py", "configs/stdlib_lm.py"]
 
@@ -63,6 +66,11 @@ def test_batch_not_divisible_by_micro_batches():
         ("optimizer.learning_rate=-0.1", "learning_rate=-0.1"),
         ("total_samples=10", "total_samples=10"),
         ("schedule.warmup_samples=999999", "warmup_samples=999999"),
+        ("ema.warmup_samples=-5", "ema.warmup_samples=-5"),
+        (
+            "ema.warmup_steps=10",
+            "ema.warmup_steps",
+        ),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -91,3 +99,37 @@ def test_rescale_adam_sde_moves_betas():
     assert new.optimizer.learning_rate == pytest.approx(cfg.optimizer.learning_rate * kappa**0.5)
     assert new.optimizer.b2 == pytest.approx(1 - kappa * (1 - cfg.optimizer.b2))
     assert new.optimizer.eps == pytest.approx(cfg.optimizer.eps / kappa**0.5)
+
+
+def _ema_decays(cfg, steps):
+    """The per-step decays the run's EMA applies: tracking x_t = t from 0, the EMA update is
+    e_t = d_t·e_{t-1} + (1 - d_t)·t, so d_t = (t - e_t) / (t - e_{t-1})."""
+    cfg, _ = config_lib.rescale_for_batch(cfg)
+    ema = optimizer_lib.make_ema(cfg)
+    state = ema.init({"x": jnp.zeros(())})
+    decays, prev = [], 0.0
+    for t in range(1, steps + 1):
+        _, state = ema.update({"x": jnp.asarray(float(t))}, state)
+        now = float(state.ema["x"])
+        decays.append((t - now) / (t - prev))
+        prev = now
+    return cfg, np.array(decays)
+
+
+def test_ema_warmup_is_in_samples_and_follows_the_batch():
+    """At batch 64 the ramp over 512 samples takes 8 steps; at batch 128, 4 steps: both end at
+    the same sample count, with the decay rescaled by the EMA rule (rho^kappa)."""
+    common = ["ema.decay=0.9", "ema.warmup_samples=512", "reference_batch_size=64"]
+    runs = {}
+    for batch in (64, 128):
+        cfg = config_lib.load_config("configs/stdlib_lm.py", [*common, f"batch_size={batch}"])
+        runs[batch] = _ema_decays(cfg, 10)
+    for batch, (cfg, decays) in runs.items():
+        rho, ramp = 0.9 ** (batch / 64), 512 / batch
+        # update t applies rho·min(1, (t - 1) / ramp): the first one copies the target
+        want = [rho * min(1.0, (t - 1) / ramp) for t in range(1, 11)]
+        np.testing.assert_allclose(decays, want, rtol=1e-4)
+        assert cfg.ema.decay == pytest.approx(rho)
+    # the full decay is first applied once 512 samples have been seen, in both runs
+    assert np.argmax(runs[64][1] >= 0.9 - 1e-6) * 64 == 512
+    assert np.argmax(runs[128][1] >= 0.81 - 1e-6) * 128 == 512
