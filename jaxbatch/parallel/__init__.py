@@ -33,6 +33,8 @@ from jaxbatch.parallel.mesh import (
 from jaxbatch.parallel.rules import DEFAULT_RULES, make_rules
 from jaxbatch.parallel.sharding import (
     BATCH_AXES,
+    REPLICATED_STATE_LIMIT,
+    ReplicatedStateWarning,
     activation_sharding,
     batch_axis_size,
     batch_sharding,
@@ -45,6 +47,8 @@ from jaxbatch.parallel.sharding import (
 
 __all__ = [
     "BATCH_AXES",
+    "REPLICATED_STATE_LIMIT",
+    "ReplicatedStateWarning",
     "DEFAULT_RULES",
     "MESH_AXES",
     "DistributedInfo",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,6 +23,14 @@ from jaxbatch.parallel.rules import DEFAULT_RULES, MeshAxes
 
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 """Mesh axes the leading (batch) dimension of every input is split over."""
+
+REPLICATED_STATE_LIMIT = 4096
+"""Elements up to which an optimizer-state leaf that mirrors no parameter is replicated silently
+(step counts, per-layer trust ratios); a larger one is named (see ``opt_state_shardings``)."""
+
+
+class ReplicatedStateWarning(UserWarning):
+    """An optimizer-state leaf mirrors no parameter, so it is replicated on every device."""
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -145,7 +154,14 @@ def param_shardings(
     return _map_shardings(abstract_variables, mesh, tuple(rules), require_shapes=True)
 
 
-def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings: Any) -> Any:
+def opt_state_shardings(
+    abstract_opt_state: Any,
+    abstract_params: Any,
+    shardings: Any,
+    *,
+    unmatched: str = "warn",
+    replicated_limit: int = REPLICATED_STATE_LIMIT,
+) -> Any:
     """Gives every parameter-shaped leaf of an optimizer state its parameter's sharding.
 
     Optax states mirror the parameters (Adam's ``mu``/``nu``, momenta, EMA copies, accumulators):
@@ -155,16 +171,26 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
     trust ratios, factored statistics) is replicated. This works for any tree that mirrors the
     parameters this way, not only optax states (model EMA, gradient accumulators).
 
+    A replicated leaf of more than ``replicated_limit`` elements silently costs its full size on
+    every device (ZeRO's saving is lost for it), e.g. an optimizer that stores its statistics
+    flattened or reshaped. Such leaves are named with their path, shape and size: a
+    :class:`ReplicatedStateWarning` (``unmatched='warn'``), a ``ValueError``
+    (``unmatched='error'``), or nothing (``unmatched='ignore'``).
+
     Args:
       abstract_opt_state: e.g. ``jax.eval_shape(tx.init, abstract_params)``.
       abstract_params: the same parameter tree the optimizer was initialised with (boxed or not).
       shardings: ``NamedSharding`` tree for ``abstract_params`` (from ``param_shardings``).
+      unmatched: 'warn', 'error' or 'ignore': what to do with a large replicated leaf.
+      replicated_limit: elements up to which a leaf that mirrors no parameter is replicated
+        without a word.
 
     Returns:
       A tree of ``NamedSharding`` shaped like ``abstract_opt_state`` (boxes replaced by leaves).
 
     Raises:
-      ValueError: ``shardings`` holds no ``NamedSharding`` to take the mesh from.
+      ValueError: ``shardings`` holds no ``NamedSharding`` to take the mesh from; with
+        ``unmatched='error'``, a large leaf mirrors no parameter.
 
     References:
       Rajbhandari, Rasley, Ruwase, He, 2020, "ZeRO: Memory Optimizations Toward Training Trillion
@@ -184,7 +210,10 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
         _path_names(path): (tuple(leaf.shape), sharding)
         for (path, leaf), sharding in zip(param_leaves, sharding_leaves, strict=True)
     }
+    if unmatched not in ("warn", "error", "ignore"):
+        raise ValueError(f"unmatched={unmatched!r}; expected 'warn', 'error' or 'ignore'")
     fallback = replicated(named[0].mesh)
+    large: list[str] = []
 
     def leaf_sharding(path, leaf):
         names = _path_names(path)
@@ -193,9 +222,21 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, shardings
             hit = by_path.get(names[start:])
             if hit is not None and hit[0] == shape:
                 return hit[1]
+        if math.prod(shape) > replicated_limit:
+            large.append(f"{_path_str(path)} {shape} ({math.prod(shape):,} elements)")
         return fallback
 
-    return jax.tree_util.tree_map_with_path(leaf_sharding, _unbox(abstract_opt_state))
+    out = jax.tree_util.tree_map_with_path(leaf_sharding, _unbox(abstract_opt_state))
+    if large and fallback.mesh.size > 1 and unmatched != "ignore":
+        message = (
+            f"{len(large)} optimizer-state leaf/leaves mirror no parameter (no parameter path "
+            "ends their path with the same shape), so they are replicated on every device and "
+            f"not sharded like the parameters: {'; '.join(large)}"
+        )
+        if unmatched == "error":
+            raise ValueError(message)
+        warnings.warn(message, ReplicatedStateWarning, stacklevel=2)
+    return out
 
 
 def _map_shardings(tree: Any, mesh: Mesh, rules: tuple, *, require_shapes: bool) -> Any:

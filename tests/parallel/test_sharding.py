@@ -267,3 +267,51 @@ def test_activation_sharding_applies_logical_constraints(eight_devices):
     assert re.search(r'sharding_constraint %\w+ <@mesh, \[\{"data", "fsdp"\}, \{\}\]>', lowered)
     # Without the context the constraint is dropped: the models' annotations would be lost.
     assert "sharding_constraint" not in jax.jit(f).lower(x).as_text()
+
+
+def _flattened_adam(learning_rate):
+    """An optimizer whose second moment is one flat vector: it mirrors no parameter."""
+
+    def init(params):
+        flat = jnp.concatenate([jnp.ravel(p) for p in jax.tree.leaves(params)])
+        return {"count": jnp.zeros((), jnp.int32), "flat_nu": jnp.zeros_like(flat)}
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda g: -learning_rate * g, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_opt_state_leaf_that_mirrors_no_parameter_is_named(eight_devices):
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    boxed = _abstract()["params"]
+    p_shardings = parallel.param_shardings(boxed, mesh)
+    state = jax.eval_shape(_flattened_adam(0.1).init, nn.unbox(boxed))
+    size = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nn.unbox(boxed)))
+    with pytest.warns(parallel.ReplicatedStateWarning, match=rf"flat_nu \({size},\)"):
+        s = parallel.opt_state_shardings(state, boxed, p_shardings)
+    assert s["flat_nu"].spec == P() and s["count"].spec == P()  # still a valid (replicated) tree
+    with pytest.raises(ValueError, match=r"mirror no parameter.*flat_nu"):
+        parallel.opt_state_shardings(state, boxed, p_shardings, unmatched="error")
+    with pytest.raises(ValueError, match=r"unmatched='loud'; expected"):
+        parallel.opt_state_shardings(state, boxed, p_shardings, unmatched="loud")
+
+
+def test_optimizer_states_that_mirror_their_parameters_warn_nothing(eight_devices):
+    """Adam, LAMB with per-layer ratios, LARS: every large leaf is sharded like its parameter;
+    small ones (counts, ratios) are replicated without a warning."""
+    from jaxbatch import optim
+    from jaxbatch.nn import axes as nn_axes
+
+    mesh = parallel.make_mesh(data=2, fsdp=4)
+    boxed = _abstract()["params"]
+    p_shardings = parallel.param_shardings(boxed, mesh)
+    layer_axes = nn_axes.stacked_layer_axes(boxed)
+    for tx in (
+        optax.adam(1e-3),
+        optim.lamb(1e-3, layer_axes=layer_axes),
+        optim.lars(0.1, layer_axes=layer_axes),
+    ):
+        state = jax.eval_shape(tx.init, nn.unbox(boxed))
+        parallel.opt_state_shardings(state, boxed, p_shardings, unmatched="error")
