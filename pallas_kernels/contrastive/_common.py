@@ -9,8 +9,8 @@ statistics: the column pass is the row pass on the swapped pair, since Láµ€ = sÂ
 the other side. The tile functions here are pure ``jnp``, so they run inside Mosaic TPU, Triton
 and interpret-mode kernels alike. A static ``home`` flag (``tile_masks``) says whether b's block
 holds the positive pairs on its diagonal (a single-device call, the first step of a device ring)
-or only negatives (the other ring steps). ``kernel_operands`` types a kernel's operands and
-outputs for calls inside ``jax.shard_map``.
+or only negatives (the other ring steps). ``call_kernel`` runs a kernel inside or outside
+``jax.shard_map``, typing its operands and outputs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 KINDS = ("softmax", "sigmoid", "decoupled")
 
@@ -266,50 +267,48 @@ def subtract_positive(grad, valid, diag, positive: float):
     return jnp.where(valid & diag, grad - positive, grad)
 
 
-def kernel_operands(plan: Plan, *operands: jax.Array):
-    """Readies a kernel's operands for ``pallas_call`` inside or outside ``jax.shard_map``.
+def call_kernel(plan: Plan, run, *operands: jax.Array):
+    """Runs ``run(operands, axes)`` (a ``pallas_call``) inside or outside ``jax.shard_map``.
 
     A ``pallas_call`` must state how its outputs vary over the manual mesh axes: like its
-    operands. Compiled kernels get every operand cast to the union of their varying axes and
-    outputs typed alike. The HLO interpreter (``interpret=True``) cannot run on varying operands:
-    it evaluates the kernel's jaxpr, traced without mesh axes, on the varying blocks and fails the
-    varying-axes type checks (ValueError "requires varying manual axes to match"). For it the
-    operands are retyped as invariant (an identity add traced with JAX's internal ``check_vma``
-    switch off) and the outputs cast back to varying: values are per-device either way, only the
-    static type changes, and nothing differentiates or reduces across devices in between.
+    operands. ``axes`` is the ``manual_axis_type`` that ``run`` gives its output
+    ``ShapeDtypeStruct``s. Compiled kernels get every operand cast to the union of the operands'
+    varying axes (``lax.pcast``) and outputs typed alike.
+
+    The HLO interpreter (``interpret=True``) cannot run on varying operands: it evaluates the
+    kernel's jaxpr, traced without mesh axes, on the varying blocks and fails the varying-axes
+    type checks (ValueError "requires varying manual axes to match"). For it the kernel runs in a
+    nested ``jax.shard_map`` over no mesh axes with ``check_vma=False``, where the operands are
+    retyped as invariant (an identity add), and its outputs are cast back to varying: values are
+    per-device either way, only the static type changes, and nothing differentiates or reduces
+    across devices in between.
 
     Returns:
-      (operands, manual_axis_type of the outputs' ShapeDtypeStructs, restore) where restore maps
-      the kernel's outputs (a pytree) to their varying type.
+      The outputs of ``run`` (a pytree), typed as varying over the operands' axes.
     """
     varying = [frozenset(jax.typeof(a).manual_axis_type.varying) for a in operands]
     axes = frozenset().union(*varying)
     if not axes:
-        return list(operands), jax.typeof(operands[0]).manual_axis_type, lambda out: out
-    names = tuple(sorted(axes))
+        return run(list(operands), jax.typeof(operands[0]).manual_axis_type)
     if not plan.interpret:
         cast = [
             lax.pcast(a, tuple(sorted(axes - v)), to="varying") if axes - v else a
             for a, v in zip(operands, varying, strict=True)
         ]
-        return cast, jax.typeof(cast[0]).manual_axis_type, lambda out: out
-    hidden = [_as_invariant(a) if v else a for a, v in zip(operands, varying, strict=True)]
+        return run(cast, jax.typeof(cast[0]).manual_axis_type)
 
-    def restore(out):
-        return jax.tree.map(lambda o: lax.pcast(o, names, to="varying"), out)
+    def unchecked(*ops):
+        # Traced with check_vma off: the add gives invariant-typed copies of the operands.
+        ops = [a + jnp.zeros((), a.dtype) for a in ops]
+        return run(ops, jax.typeof(ops[0]).manual_axis_type)
 
-    return hidden, jax.typeof(hidden[0]).manual_axis_type, restore
-
-
-def _as_invariant(a: jax.Array) -> jax.Array:
-    try:
-        from jax._src import config as jax_config
-
-        check_vma = jax_config._check_vma
-    except (ImportError, AttributeError) as err:  # a JAX without the switch
-        raise NotImplementedError(
-            "interpreted Pallas kernels inside jax.shard_map need jax.shard_map(..., "
-            "check_vma=False) with this JAX version"
-        ) from err
-    with check_vma(False):
-        return a + jnp.zeros((), a.dtype)
+    inner = jax.shard_map(
+        unchecked,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=tuple(P() for _ in operands),
+        out_specs=P(),
+        axis_names=frozenset(),
+        check_vma=False,
+    )
+    names = tuple(sorted(axes))
+    return jax.tree.map(lambda o: lax.pcast(o, names, to="varying"), inner(*operands))

@@ -117,10 +117,10 @@ def row_stats(
     n_pad, d = a.shape
     bm, bn = plan.block_rows, plan.block_cols
     kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n, block_cols=bn, home=home)
-    (scalars, a, b), axes, restore = _common.kernel_operands(plan, scalars, a, b)
     suffix = "" if home else "_offhome"
-    with jax.named_scope(f"contrastive_{plan.kind}_gpu_fwd{suffix}_bm{bm}_bn{bn}"):
-        out = pl.pallas_call(
+
+    def run(operands, axes):
+        return pl.pallas_call(
             kernel,
             grid=(n_pad // bm,),
             in_specs=[
@@ -133,8 +133,10 @@ def row_stats(
             compiler_params=_compiler_params(plan),
             interpret=plan.interpret,
             name=f"contrastive_{plan.kind}_fwd{suffix}",
-        )(scalars, a, b)
-    return restore(out)
+        )(*operands)
+
+    with jax.named_scope(f"contrastive_{plan.kind}_gpu_fwd{suffix}_bm{bm}_bn{bn}"):
+        return _common.call_kernel(plan, run, scalars, a, b)
 
 
 def row_grads(
@@ -173,10 +175,10 @@ def row_grads(
     kernel = functools.partial(
         _backward_kernel, kind=plan.kind, n=plan.n, block_cols=bn, home=home, positive=positive
     )
-    operands, axes, restore = _common.kernel_operands(plan, *operands)
     suffix = "" if home else "_offhome"
-    with jax.named_scope(f"contrastive_{plan.kind}_gpu_bwd{suffix}_bm{bm}_bn{bn}"):
-        out = pl.pallas_call(
+
+    def run(operands, axes):
+        return pl.pallas_call(
             kernel,
             grid=(n_pad // bm,),
             in_specs=in_specs,
@@ -192,4 +194,6 @@ def row_grads(
             interpret=plan.interpret,
             name=f"contrastive_{plan.kind}_bwd{suffix}",
         )(*operands)
-    return restore(tuple(out))
+
+    with jax.named_scope(f"contrastive_{plan.kind}_gpu_bwd{suffix}_bm{bm}_bn{bn}"):
+        return tuple(_common.call_kernel(plan, run, *operands))

@@ -123,10 +123,10 @@ def row_stats(
     grid, scalar_spec, a_spec, b_spec = _specs(plan, d)
     bm, bn = plan.block_rows, plan.block_cols
     kernel = functools.partial(_forward_kernel, kind=plan.kind, n=plan.n, home=home)
-    (scalars, a, b), axes, restore = _common.kernel_operands(plan, scalars, a, b)
     suffix = "" if home else "_offhome"
-    with jax.named_scope(f"contrastive_{plan.kind}_tpu_fwd{suffix}_bm{bm}_bn{bn}"):
-        out = pl.pallas_call(
+
+    def run(operands, axes):
+        return pl.pallas_call(
             kernel,
             grid=grid,
             in_specs=[scalar_spec, a_spec, b_spec],
@@ -141,8 +141,11 @@ def row_stats(
             ),
             interpret=plan.interpret,
             name=f"contrastive_{plan.kind}_fwd{suffix}",
-        )(scalars, a, b)
-    return restore(out[:, 0])  # [n_pad]
+        )(*operands)
+
+    with jax.named_scope(f"contrastive_{plan.kind}_tpu_fwd{suffix}_bm{bm}_bn{bn}"):
+        out = _common.call_kernel(plan, run, scalars, a, b)
+    return out[:, 0]  # [n_pad]
 
 
 def row_grads(
@@ -182,10 +185,10 @@ def row_grads(
     kernel = functools.partial(
         _backward_kernel, kind=plan.kind, n=plan.n, home=home, positive=positive
     )
-    operands, axes, restore = _common.kernel_operands(plan, *operands)
     suffix = "" if home else "_offhome"
-    with jax.named_scope(f"contrastive_{plan.kind}_tpu_bwd{suffix}_bm{bm}_bn{bn}"):
-        u, gsum = pl.pallas_call(
+
+    def run(operands, axes):
+        return pl.pallas_call(
             kernel,
             grid=grid,
             in_specs=in_specs,
@@ -206,4 +209,7 @@ def row_grads(
             interpret=plan.interpret,
             name=f"contrastive_{plan.kind}_bwd{suffix}",
         )(*operands)
-    return restore((u, gsum[:, 0]))
+
+    with jax.named_scope(f"contrastive_{plan.kind}_tpu_bwd{suffix}_bm{bm}_bn{bn}"):
+        u, gsum = _common.call_kernel(plan, run, *operands)
+    return u, gsum[:, 0]
