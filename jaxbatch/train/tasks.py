@@ -10,15 +10,15 @@ A :class:`Task` couples a model with its data fields:
 ``loss_fn(params, model_state, batch, rng) -> (loss, (metrics, new_model_state))`` is what the train
 step differentiates; ``eval_fn(variables, batch) -> per-example outputs`` is jitted over
 fixed-shape eval batches, and ``summarize(outputs) -> metrics`` reduces the outputs of the real
-(unmasked) examples.
+(unmasked) examples. ``Task.choices`` records what the builder resolved for the backend and
+mesh (``config.loss.implementation`` 'auto' → 'pallas' or 'xla', and why), for the run to print
+and store. ``Task`` and ``split_variables`` live in ``task_base`` (shared with ``tasks_mlm``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,31 +30,23 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbatch import data as jdata
 from jaxbatch import losses, parallel
+from jaxbatch.losses.linear_cross_entropy import IMPLEMENTATIONS as _LCE_IMPLEMENTATIONS
 from jaxbatch.train.models import build_model
+from jaxbatch.train.task_base import Batch, Task, split_variables
 from jaxbatch.train.tasks_mlm import mlm_task
 
-Batch = dict[str, Any]
+__all__ = [
+    "Batch",
+    "Task",
+    "choose_contrastive_implementation",
+    "contrastive_loss_fn",
+    "make_task",
+    "retrieval_recall",
+    "split_variables",
+]
 
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """A model with its loss, evaluation and data fields."""
-
-    name: str
-    model: nn.Module
-    fields: tuple[str, ...]
-    init_fn: Callable[[jax.Array, Batch], Any]
-    loss_fn: Callable[..., tuple[jax.Array, tuple[dict, Any]]]
-    eval_fn: Callable[[Any, Batch], dict[str, jax.Array]]
-    summarize: Callable[[dict[str, np.ndarray]], dict[str, float]]
-    primary_metric: str
-    baseline: Callable[[], dict[str, float]] | None = None
-    # Losses over the whole batch of embeddings (contrastive) also give these two, so that
-    # gradient accumulation can cache embedding gradients (jaxbatch.train.grad_cache):
-    # embed_fn(params, model_state, batch, rng) -> ((per_example, shared), new_model_state) and
-    # pair_loss_fn(per_example, shared) -> (loss, metrics), with loss_fn their composition.
-    embed_fn: Callable[..., tuple[Any, Any]] | None = None
-    pair_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]] | None = None
+# Platforms whose Pallas kernels run compiled; on 'cpu' they only run in the interpreter.
+_KERNEL_PLATFORMS = ("tpu", "gpu")
 
 
 def _classification(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
@@ -110,24 +102,67 @@ def retrieval_recall(zx: np.ndarray, zy: np.ndarray, ks=(1, 10)) -> dict[str, fl
     return {f"recall@{k}": float(np.mean(rank < k)) for k in ks}
 
 
-def contrastive_loss_fn(loss_cfg, mesh=None):
+def choose_contrastive_implementation(
+    loss_cfg, n_local: int, d: int, dtype="float32", *, backend: str | None = None
+) -> tuple[str, str]:
+    """(implementation, reason) of the contrastive loss for [n_local, d] embeddings per device.
+
+    'reference' and 'xla' are kept. 'auto' picks 'pallas' on TPU and GPU when the kernels accept
+    the shapes and dtype, else 'xla' (CPU: the kernels would only run in the slow interpreter).
+    An explicit 'pallas' is kept, or refused with the kernels' reason: never replaced.
+
+    Args:
+      loss_cfg: ``config.loss`` (kind, block_size, implementation).
+      n_local: rows of x and y on one device (the global batch over data × fsdp).
+      d: embedding width; dtype: embedding dtype.
+      backend: the platform the step runs on; default ``jax.default_backend()``.
+
+    Raises:
+      ValueError: implementation 'pallas' with inputs the kernels do not handle here.
+    """
+    requested = loss_cfg.implementation
+    backend = jax.default_backend() if backend is None else backend
+    if requested not in ("auto", "pallas"):
+        return requested, f"config.loss.implementation={requested!r}"
+    if requested == "auto" and backend not in _KERNEL_PLATFORMS:
+        return "xla", (
+            f"auto on {backend}: the Pallas kernels run compiled on {list(_KERNEL_PLATFORMS)} "
+            "only, so the XLA tiles"
+        )
+    from pallas_kernels.contrastive import tiles  # the kernels package is optional for the rest
+
+    try:
+        tiles.block_plan(loss_cfg.kind, n_local, d, dtype, loss_cfg.block_size or None)
+    except NotImplementedError as err:
+        if requested == "pallas":
+            raise ValueError(
+                f"config.loss.implementation='pallas' cannot run on backend {backend!r} for "
+                f"[{n_local}, {d}] {jnp.dtype(dtype).name} embeddings per device: {err}; "
+                "expected inputs the kernels handle, or implementation 'auto' or 'xla'"
+            ) from err
+        return "xla", f"auto on {backend}: the Pallas kernels refused the inputs ({err})"
+    mode = "the Pallas interpreter" if backend == "cpu" else "compiled Pallas kernels"
+    return "pallas", f"{requested} on {backend}: {mode}"
+
+
+def contrastive_loss_fn(loss_cfg, mesh=None, *, implementation: str | None = None):
     """``(zx, zy, scale, bias) -> loss`` over the global batch.
 
     When the batch is sharded over the mesh's batch axes (data × fsdp > 1), the loss runs inside
     ``jax.shard_map`` with ``axis_name`` set to those axes: each device keeps its rows of zx and
     the zy blocks travel around the device ring (``jaxbatch.losses``), so no device ever holds
-    more than its own N_local rows of the similarity matrix.
+    more than its own N_local rows of the similarity matrix. Each ring step sweeps its block with
+    the XLA tiles or the per-block Pallas kernels, as ``implementation`` says (default
+    ``loss_cfg.implementation``; :func:`choose_contrastive_implementation` resolves 'auto').
     """
     options = dict(
         kind=loss_cfg.kind,
         block_size=loss_cfg.block_size or None,
-        implementation=loss_cfg.implementation,
+        implementation=implementation or loss_cfg.implementation,
     )
     if mesh is None or parallel.batch_axis_size(mesh) == 1:
         return lambda zx, zy, scale, bias: losses.contrastive_loss(zx, zy, scale, bias, **options)
     rows = P(parallel.BATCH_AXES)
-    if options["implementation"] in ("auto", "pallas"):
-        options["implementation"] = "xla"  # the ring runs the XLA tiles (kernels are per device)
 
     def ring(zx, zy, scale, bias):
         def local(zx, zy, scale, *bias):
@@ -142,9 +177,21 @@ def contrastive_loss_fn(loss_cfg, mesh=None):
     return ring
 
 
+def _batch_shards(mesh) -> int:
+    return 1 if mesh is None else parallel.batch_axis_size(mesh)
+
+
 def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     loss_cfg = cfg.loss
-    loss_of = contrastive_loss_fn(loss_cfg, mesh)
+    # The loss sees the whole batch (grad_cache embeds micro-batches, then one loss), split over
+    # data × fsdp; the dual encoder returns float32 embeddings of width embed_dim.
+    shards = _batch_shards(mesh)
+    implementation, reason = choose_contrastive_implementation(
+        loss_cfg, cfg.batch_size // shards, cfg.model.embed_dim, "float32"
+    )
+    if shards > 1:
+        reason += f"; device ring over data × fsdp = {shards}"
+    loss_of = contrastive_loss_fn(loss_cfg, mesh, implementation=implementation)
     x_field, y_field = cfg.dataset.pair_fields
 
     def init_fn(rng, batch):
@@ -198,6 +245,7 @@ def _contrastive(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) ->
         baseline if cfg.dataset.name == "codesearch" else None,
         embed_fn=embed_fn,
         pair_loss_fn=pair_loss_fn,
+        choices={"loss.implementation": implementation, "loss.implementation.reason": reason},
     )
 
 
@@ -205,10 +253,29 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     """Next-token cross-entropy. ``config.loss.implementation``: 'reference' forms the [B, L, V]
     logits; 'xla' / 'auto' use ``losses.linear_cross_entropy`` on the final hidden states and the
     output kernel (token chunks of ``config.loss.block_size``, 0 = its default), so the training
-    step never holds the logits of the whole batch."""
-    del mesh
-    chunked = cfg.loss.implementation != "reference"
+    step never holds the logits of the whole batch.
+
+    With the batch sharded over data × fsdp, the chunked loss runs inside ``jax.shard_map``: each
+    device chunks its own token rows against the whole output kernel (gathered like any FSDP
+    parameter) and the loss is Σ losses / Σ tokens over the devices, so the hidden states are
+    never gathered across the mesh (contiguous chunks of the flattened global batch would cut
+    across the devices' rows)."""
+    implementation = cfg.loss.implementation
+    if implementation not in _LCE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"config.loss.implementation={implementation!r} for task 'lm'; expected one of "
+            f"{_LCE_IMPLEMENTATIONS}"
+        )
+    chunked = implementation != "reference"
     chunk_size = cfg.loss.block_size or None
+    shards = _batch_shards(mesh)
+    if not chunked:
+        choice = "reference", "config.loss.implementation='reference': the [B, L, V] logits"
+    else:
+        reason = f"{implementation}: chunked linear cross-entropy"
+        if shards > 1:
+            reason += f", each device's token rows (shard_map over data × fsdp = {shards})"
+        choice = "xla", reason
 
     def init_fn(rng, batch):
         return model.init(rng, batch["tokens"][:, :-1])
@@ -217,18 +284,27 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         logits = model.apply(params_or_vars, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
+    def chunked_loss(h, w, labels, axis_name=None):
+        return losses.linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]),
+            w,
+            labels.reshape(-1),
+            chunk_size=chunk_size,
+            implementation=implementation,
+            axis_name=axis_name,
+        )
+
     def mean_loss(variables, tokens):
         if not chunked:
             return token_losses(variables, tokens).mean()
-        h = model.apply(variables, tokens[:, :-1], method="hidden")
-        w = model.apply(variables, method="output_kernel")
-        h = h.reshape(-1, h.shape[-1]).astype(model.dtype)
-        return losses.linear_cross_entropy(
-            h,
-            w.astype(model.dtype),
-            tokens[:, 1:].reshape(-1),
-            chunk_size=chunk_size,
-            implementation=cfg.loss.implementation,
+        h = model.apply(variables, tokens[:, :-1], method="hidden").astype(model.dtype)
+        w = model.apply(variables, method="output_kernel").astype(model.dtype)
+        if shards == 1:
+            return chunked_loss(h, w, tokens[:, 1:])
+        rows = P(parallel.BATCH_AXES)
+        local = functools.partial(chunked_loss, axis_name=parallel.BATCH_AXES)
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), rows), out_specs=P())(
+            h, w, tokens[:, 1:]
         )
 
     def loss_fn(params, model_state, batch, rng):
@@ -243,7 +319,17 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         loss = float(out["loss"].mean())
         return {"loss": loss, "bits_per_byte": loss / math.log(2)}
 
-    return Task("lm", model, ("tokens",), init_fn, loss_fn, eval_fn, summarize, "bits_per_byte")
+    return Task(
+        "lm",
+        model,
+        ("tokens",),
+        init_fn,
+        loss_fn,
+        eval_fn,
+        summarize,
+        "bits_per_byte",
+        choices={"loss.implementation": choice[0], "loss.implementation.reason": choice[1]},
+    )
 
 
 _TASKS = {
@@ -258,10 +344,3 @@ def make_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
     """The task of a validated config (its model built from ``config.model``) on ``mesh``."""
     model = build_model(cfg.model.to_dict())
     return _TASKS[cfg.task](cfg, model, mesh)
-
-
-def split_variables(variables) -> tuple[Any, dict]:
-    """(params, the other collections) of ``model.init``'s output."""
-    variables = dict(variables)
-    params = variables.pop("params")
-    return params, variables

@@ -24,6 +24,8 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from jaxbatch.train.task_base import Task
+
 MLM_FIELDS = ("input_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
 _EPS = 1e-5
 
@@ -35,12 +37,9 @@ def masked_lm_loss(logits: jax.Array, ids: jax.Array, weights: jax.Array) -> jax
     return jnp.sum(ce * weights) / (jnp.sum(weights) + _EPS)
 
 
-def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None):
-    """The 'mlm' :class:`~jaxbatch.train.tasks.Task` of ``model`` (a ``jaxbatch.nn.BertMLM``)."""
-    del mesh
-    from jaxbatch.train.tasks import Task  # tasks.py registers this module: import lazily
-
-    del cfg
+def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
+    """The 'mlm' :class:`Task` of ``model`` (a ``jaxbatch.nn.BertMLM``)."""
+    del cfg, mesh
 
     def init_fn(rng, batch):
         return model.init(rng, batch["input_ids"], batch["masked_lm_positions"], train=False)

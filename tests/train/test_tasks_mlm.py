@@ -1,5 +1,8 @@
 """The 'mlm' task and BertMLM: the weighted masked-LM loss against a NumPy transcription."""
 
+import ast
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -100,3 +103,27 @@ def test_masked_lm_loss_ignores_zero_weight_slots():
     assert float(masked_lm_loss(changed, ids, weights)) == pytest.approx(
         float(masked_lm_loss(logits, ids, weights)), rel=1e-6
     )
+
+
+def _imported_modules(module) -> set[str]:
+    """Every module a source file imports, at top level or inside functions."""
+    tree = ast.parse(inspect.getsource(module))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_tasks_and_tasks_mlm_do_not_import_each_other_both_ways():
+    """tasks.py registers the mlm task; tasks_mlm.py takes Task from task_base (no cycle)."""
+    from jaxbatch.train import task_base, tasks_mlm
+
+    assert "jaxbatch.train.tasks_mlm" in _imported_modules(tasks)
+    assert not {"jaxbatch.train.tasks", "jaxbatch.train"} & {
+        m for m in _imported_modules(tasks_mlm) if not m.startswith("jaxbatch.train.task_base")
+    }
+    assert tasks.Task is task_base.Task and tasks.split_variables is task_base.split_variables
