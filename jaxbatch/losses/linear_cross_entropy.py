@@ -47,6 +47,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     ignore_index: int | None = None,
     implementation: str = "auto",
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Mean softmax cross-entropy of ``h @ w`` against ``labels``, without the [T, V] logits.
 
@@ -59,6 +60,12 @@ def linear_cross_entropy(
       ignore_index: label value whose tokens are left out of the mean (e.g. padding).
       implementation: 'reference' (the naive [T, V] form, for tests), 'xla' (chunked), 'auto'
         (= 'xla').
+      axis_name: mesh axis (or tuple of axes) the tokens are sharded over, inside
+        ``jax.shard_map``: h and labels are then this device's token rows, w the whole kernel
+        (the same on every device), and the result is the mean over the tokens of all devices,
+        Σ_devices (sum of losses) / Σ_devices (count), the same on every device. The chunks
+        stay within the local rows, so no device gathers another's hidden states; the gradient
+        of w is summed over the axis. None: one device.
 
     Returns:
       float32 scalar (float64 for float64 inputs): the mean over counted tokens (0 if none
@@ -70,15 +77,39 @@ def linear_cross_entropy(
     if ignore_index is not None and not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
     valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-    if implementation == "reference":
-        return _reference(h, w, labels, valid)
-    t, v = h.shape[0], w.shape[1]
-    if chunk_size is None:
-        chunk_size = max(8, DEFAULT_CHUNK_ELEMENTS // v)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    chunk = min(chunk_size, t)
-    return _chunked(h, w, jnp.where(valid, labels, 0), valid, chunk)
+    if axis_name is not None:
+        w = _varying(w, axis_name)
+    if implementation == "reference":
+        loss = _reference(h, w, labels, valid)
+    else:
+        t, v = h.shape[0], w.shape[1]
+        chunk = min(chunk_size or max(8, DEFAULT_CHUNK_ELEMENTS // v), t)
+        loss = _chunked(h, w, jnp.where(valid, labels, 0), valid, chunk)
+    if axis_name is None:
+        return loss
+    count = jnp.sum(valid).astype(loss.dtype)
+    total = lax.psum(jnp.stack([loss * count, count]), axis_name)
+    return total[0] / jnp.maximum(total[1], 1)
+
+
+def _varying(w: jax.Array, axis_name) -> jax.Array:
+    """w typed as varying over ``axis_name`` (inside shard_map): each device's dw is then its
+    own partial gradient, and the transpose of the cast sums them over the axis."""
+    names = tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+    try:
+        lax.axis_size(names)
+    except NameError as err:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not a bound mesh axis: call linear_cross_entropy inside "
+            "jax.shard_map over that axis (tokens sharded over it), or pass axis_name=None"
+        ) from err
+    varying = set(jax.typeof(w).manual_axis_type.varying)
+    missing = tuple(n for n in names if n not in varying)
+    return lax.pcast(w, missing, to="varying") if missing else w
 
 
 def _check(h, w, labels):
@@ -111,6 +142,13 @@ def _reference(h, w, labels, valid):
     return jnp.sum(jnp.where(valid, lse - target, 0.0)) / jnp.maximum(count, 1)
 
 
+def _zeros(shape, dtype, *refs) -> jax.Array:
+    """Zeros varying over the mesh axes the refs vary over (scan carries inside shard_map)."""
+    axes = set().union(*(jax.typeof(r).manual_axis_type.varying for r in refs))
+    out = jnp.zeros(shape, dtype)
+    return lax.pcast(out, tuple(sorted(axes)), to="varying") if axes else out
+
+
 def _chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
     """[T, ...] -> [ceil(T / chunk), chunk, ...], the tail padded with ``fill``."""
     pad = -a.shape[0] % chunk
@@ -135,7 +173,7 @@ def _forward(h, w, labels, valid, chunk):
         return total + jnp.sum(jnp.where(m_c, lse - target, 0.0)), lse
 
     xs = (_chunks(h, chunk), _chunks(labels, chunk), _chunks(valid, chunk, False))
-    total, lse = lax.scan(body, jnp.zeros((), acc), xs)
+    total, lse = lax.scan(body, _zeros((), acc, h, w), xs)
     count = jnp.maximum(jnp.sum(valid), 1).astype(acc)
     return total / count, (lse, count)
 
@@ -161,7 +199,7 @@ def _bwd(chunk, residuals, g):
         return dw, dh_c.astype(h.dtype)
 
     xs = (_chunks(h, chunk), _chunks(labels, chunk), _chunks(valid, chunk, False), lse)
-    dw, dh = lax.scan(body, jnp.zeros(w.shape, acc), xs)
+    dw, dh = lax.scan(body, _zeros(w.shape, acc, h, w), xs)
     dh = dh.reshape(-1, h.shape[1])[: h.shape[0]]
     return dh, dw.astype(w.dtype), None, None
 

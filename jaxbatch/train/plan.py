@@ -146,6 +146,29 @@ def build_abstract(
     return run, state, batch
 
 
+def lower_step(
+    cfg: ml_collections.ConfigDict,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    lowering_platforms: Sequence[str] | None = None,
+) -> tuple[loop.Run, jax.stages.Lowered]:
+    """The run of ``cfg`` (built from shapes) and its train step lowered on abstract inputs.
+
+    Args:
+      cfg: a training config.
+      devices: as in :func:`plan`.
+      lowering_platforms: platforms to lower for, e.g. ``('tpu',)`` or ``('cuda',)`` to inspect
+        from a CPU host the program a pod would compile (its Pallas custom calls, collectives);
+        default the devices' own platform. The task still makes its choices (``Task.choices``)
+        for ``jax.default_backend()``.
+    """
+    run, state, batch = build_abstract(cfg, devices=devices)
+    traced = run.train_step.trace(state, batch)
+    if lowering_platforms is None:
+        return run, traced.lower()
+    return run, traced.lower(lowering_platforms=tuple(lowering_platforms))
+
+
 def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None = None) -> Plan:
     """Compiles the train step of ``cfg`` ahead of time and accounts for its memory and work.
 

@@ -136,3 +136,41 @@ def test_compiled_memory_never_holds_the_logits():
 def test_bad_inputs(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         linear_cross_entropy(*args, **kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference"])
+def test_axis_name_gives_the_global_mean_over_sharded_tokens(eight_devices, implementation):
+    """Inside shard_map over 8 devices, with ignored tokens spread unevenly over the devices:
+    Σ losses / Σ counted tokens of all devices, and the one-device gradients."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.array(eight_devices), ("data",))
+    h, w, labels = _inputs(t=64, d=16, v=50, seed=3)
+    labels = labels.at[jnp.array([0, 1, 2, 3, 5, 9, 40])].set(-1)  # device 0 loses 4 of its 8
+
+    def local(h, w, labels):
+        return linear_cross_entropy(
+            h, w, labels, chunk_size=3, ignore_index=-1, implementation=implementation,
+            axis_name="data",
+        )  # fmt: skip
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P())
+    rows = NamedSharding(mesh, P("data"))
+    args = (jax.device_put(h, rows), w, jax.device_put(labels, rows))
+    value, grads = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(*args)
+
+    def single(h, w):
+        return linear_cross_entropy(h, w, labels, ignore_index=-1, implementation="reference")
+
+    ref_value, ref_grads = jax.value_and_grad(single, argnums=(0, 1))(h, w)
+    np.testing.assert_allclose(value, _numpy_loss(h, w, labels, ignore=-1), rtol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_axis_name_outside_shard_map_is_refused():
+    h, w, labels = _inputs()
+    with pytest.raises(ValueError, match="not a bound mesh axis"):
+        linear_cross_entropy(h, w, labels, axis_name="data")
