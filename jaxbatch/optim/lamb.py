@@ -7,7 +7,8 @@ from typing import Any
 
 import optax
 
-from jaxbatch.optim import _validate
+from jaxbatch import _validate
+from jaxbatch.optim import _leaf_options
 from jaxbatch.optim.trust_ratio import MaskOrFn, _trust_ratio_transform
 
 
@@ -78,7 +79,7 @@ def lamb(
       >>> state = tx.init(params)
       >>> updates, state = tx.update({'w': jnp.ones((4, 4)), 'b': jnp.ones(4)}, state, params)
     """
-    _validate.check_learning_rate(learning_rate)
+    _validate.check_non_negative("learning_rate", learning_rate)
     _validate.check_decay("b1", b1)
     _validate.check_decay("b2", b2)
     _validate.check_non_negative("eps", eps)
@@ -86,7 +87,9 @@ def lamb(
     _validate.check_non_negative("weight_decay", weight_decay)
     decay_mask = None
     if weight_decay_mask is not None:
-        decay_mask = functools.partial(_validate.mask_tree, "weight_decay_mask", weight_decay_mask)
+        decay_mask = functools.partial(
+            _leaf_options.mask_tree, "weight_decay_mask", weight_decay_mask
+        )
     return optax.chain(
         optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay, mask=decay_mask),

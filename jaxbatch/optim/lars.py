@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-from jaxbatch.optim import _validate
+from jaxbatch import _validate
 from jaxbatch.optim.trust_ratio import MaskOrFn, _trust_ratio_transform
 
 
@@ -84,7 +84,7 @@ def lars(
       >>> updates, state = tx.update(grads, state, params)
       >>> params = optax.apply_updates(params, updates)
     """
-    _validate.check_learning_rate(learning_rate)
+    _validate.check_non_negative("learning_rate", learning_rate)
     _validate.check_decay("momentum", momentum)
     return optax.chain(
         _trust_ratio_transform(

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbatch.optim import _validate
+from jaxbatch import _validate
+from jaxbatch.scaling import ema as scaling_ema
 
 
 class ModelEmaState(NamedTuple):
@@ -30,7 +31,8 @@ def ema_decay(
     batch_size: Any,
     reference_batch_size: Any = None,
 ) -> Any:
-    """The per-step EMA decay at ``batch_size``.
+    """The per-step EMA decay at ``batch_size``: ``jaxbatch.scaling.ema_decay`` for optimizer
+    arguments (they may be arrays, traced under ``optax.inject_hyperparams``).
 
     ``rho = decay^(batch_size / reference_batch_size)`` (the EMA scaling rule: kappa = B / B_ref
     steps at B are replaced by one step at kappa·B), or, with ``half_life_samples``,
@@ -59,12 +61,13 @@ def ema_decay(
     _validate.check_positive("batch_size", batch_size)
     if half_life_samples is not None:
         _validate.check_positive("half_life_samples", half_life_samples)
-        return 0.5 ** (batch_size / half_life_samples)
+        # A sample's weight halves every half_life_samples samples: decay 0.5 at that "batch".
+        return scaling_ema._scaled_decay(0.5, half_life_samples, batch_size)
     _validate.check_decay("decay", decay)
     if reference_batch_size is None:
         return decay
     _validate.check_positive("reference_batch_size", reference_batch_size)
-    return decay ** (batch_size / reference_batch_size)
+    return scaling_ema._scaled_decay(decay, reference_batch_size, batch_size)
 
 
 def model_ema(

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbatch.optim import _validate
+from jaxbatch import _validate
+from jaxbatch.optim import _leaf_options
 
 MaskOrFn = Any | Callable[[optax.Params], Any]
 
@@ -156,6 +157,17 @@ def scale_by_trust_ratio(
     )
 
 
+def _check_ratio_bounds(min_ratio: Any, max_ratio: Any) -> None:
+    """Checks optional trust-ratio clip bounds: each >= 0 and min_ratio <= max_ratio."""
+    _validate.check_non_negative("min_ratio", min_ratio)
+    _validate.check_non_negative("max_ratio", max_ratio)
+    lo, hi = _validate.concrete_float(min_ratio), _validate.concrete_float(max_ratio)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(
+            f"min_ratio must be <= max_ratio, got min_ratio={min_ratio!r} > max_ratio={max_ratio!r}"
+        )
+
+
 def _trust_ratio_transform(
     *,
     trust_coefficient,
@@ -172,29 +184,33 @@ def _trust_ratio_transform(
     _validate.check_non_negative("trust_coefficient", trust_coefficient)
     _validate.check_non_negative("eps", eps)
     _validate.check_non_negative("weight_decay", weight_decay)
-    _validate.check_ratio_bounds(min_ratio, max_ratio)
+    _check_ratio_bounds(min_ratio, max_ratio)
 
     def leaf_plan(params):
         """Static per-leaf (apply_ratio, apply_decay, layer_axis), checked against params."""
-        use_ratio = _validate.leaf_options(
-            mask_name, mask, params, default=True, check_leaf=_validate.check_mask_leaf(mask_name)
+        use_ratio = _leaf_options.leaf_options(
+            mask_name,
+            mask,
+            params,
+            default=True,
+            check_leaf=_leaf_options.check_mask_leaf(mask_name),
         )
         if weight_decay_mask is None:
             use_decay = use_ratio
         else:
-            use_decay = _validate.leaf_options(
+            use_decay = _leaf_options.leaf_options(
                 "weight_decay_mask",
                 weight_decay_mask,
                 params,
                 default=True,
-                check_leaf=_validate.check_mask_leaf("weight_decay_mask"),
+                check_leaf=_leaf_options.check_mask_leaf("weight_decay_mask"),
             )
-        axes = _validate.leaf_options(
+        axes = _leaf_options.leaf_options(
             "layer_axes",
             layer_axes,
             params,
             default=None,
-            check_leaf=_validate.check_layer_axis_leaf,
+            check_leaf=_leaf_options.check_layer_axis_leaf,
         )
         return list(zip(use_ratio, use_decay, axes, strict=True))
 

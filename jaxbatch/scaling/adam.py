@@ -1,9 +1,9 @@
 """The square-root (SDE) scaling rule for all of Adam's hyper-parameters at once."""
 
-import math
 from typing import NamedTuple
 
-from jaxbatch.scaling import _checks
+from jaxbatch import _validate
+from jaxbatch.scaling.learning_rates import sqrt_rule
 
 
 class AdamHParams(NamedTuple):
@@ -17,7 +17,7 @@ class AdamHParams(NamedTuple):
 
 def sde_beta(beta: float, kappa: float, *, name: str = "beta") -> float:
     """beta' = 1 - kappa * (1 - beta): the SDE rule for an Adam moment decay; checked > 0."""
-    beta = _checks.decay(name, beta)
+    beta = _validate.decay(name, beta)
     new = 1.0 - kappa * (1.0 - beta)
     if new <= 0.0:
         raise ValueError(
@@ -25,6 +25,29 @@ def sde_beta(beta: float, kappa: float, *, name: str = "beta") -> float:
             f"= {new:g} <= 0; it needs kappa < 1/(1 - {name}) = {1.0 / (1.0 - beta):g}"
         )
     return new
+
+
+#: Which of ``AdamHParams``' fields each rule of :func:`sde_hparam` applies to.
+SDE_FIELDS = ("lr", "b1", "b2", "eps")
+
+
+def sde_hparam(field: str, value: float, kappa: float, *, name: str | None = None) -> float:
+    """One Adam hyper-parameter under the SDE rule (see :func:`adam_sde`).
+
+    Args:
+      field: which one: 'lr', 'b1', 'b2' or 'eps' (``SDE_FIELDS``).
+      value: its value at the reference batch.
+      kappa: batch / base_batch (> 0, checked by the caller).
+      name: the name used in error messages; default ``field``.
+    """
+    name = field if name is None else name
+    if field == "lr":
+        return sqrt_rule(_validate.non_negative(name, value), kappa)
+    if field in ("b1", "b2"):
+        return sde_beta(value, kappa, name=name)
+    if field == "eps":
+        return _validate.non_negative(name, value) / sqrt_rule(1.0, kappa)
+    raise ValueError(f"field must be one of {SDE_FIELDS}, got {field!r}")
 
 
 def adam_sde(base: AdamHParams, base_batch: float, batch: float) -> AdamHParams:
@@ -59,11 +82,5 @@ def adam_sde(base: AdamHParams, base_batch: float, batch: float) -> AdamHParams:
     """
     if not isinstance(base, AdamHParams):
         raise ValueError(f"base must be an AdamHParams(lr, b1, b2, eps), got {base!r}")
-    kappa = _checks.kappa(base_batch, batch)
-    root = math.sqrt(kappa)
-    return AdamHParams(
-        lr=_checks.non_negative("lr", base.lr) * root,
-        b1=sde_beta(base.b1, kappa, name="b1"),
-        b2=sde_beta(base.b2, kappa, name="b2"),
-        eps=_checks.non_negative("eps", base.eps) / root,
-    )
+    kappa = _validate.kappa(base_batch, batch)
+    return AdamHParams(*(sde_hparam(f, v, kappa) for f, v in zip(SDE_FIELDS, base, strict=True)))

@@ -1,6 +1,8 @@
 """The EMA scaling rule: an EMA decay tuned at one batch size, carried to another."""
 
-from jaxbatch.scaling import _checks
+from typing import Any
+
+from jaxbatch import _validate
 
 
 def ema_decay(base_decay: float, base_batch: float, batch: float) -> float:
@@ -10,6 +12,9 @@ def ema_decay(base_decay: float, base_batch: float, batch: float) -> float:
     raised to the power kappa = batch / base_batch::
 
       rho(batch) = base_decay ** kappa
+
+    ``jaxbatch.optim.ema_decay`` is the same rule for optimizer arguments (arrays, a half-life
+    in samples); both compute it with :func:`_scaled_decay`.
 
     References:
       Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (rho_hat = rho^kappa).
@@ -26,5 +31,16 @@ def ema_decay(base_decay: float, base_batch: float, batch: float) -> float:
       >>> round(ema_decay(0.99, 256, 1024), 6)
       0.960596
     """
-    base_decay = _checks.decay("base_decay", base_decay)
-    return base_decay ** _checks.kappa(base_batch, batch)
+    base_decay = _validate.decay("base_decay", base_decay)
+    batch = _validate.positive("batch", batch)
+    base_batch = _validate.positive("base_batch", base_batch)
+    return _scaled_decay(base_decay, base_batch, batch)
+
+
+def _scaled_decay(decay: Any, base_batch: Any, batch: Any) -> Any:
+    """rho^(batch / base_batch) on checked floats or arrays (traced ones too).
+
+    A half-life of H samples is the rule with decay 0.5 at base_batch H: the weight of a sample
+    halves every H samples at any batch.
+    """
+    return decay ** (batch / base_batch)

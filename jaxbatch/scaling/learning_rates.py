@@ -2,7 +2,7 @@
 
 import math
 
-from jaxbatch.scaling import _checks
+from jaxbatch import _validate
 
 LEARNING_RATE_RULES = ("linear", "sqrt", "none")
 
@@ -37,15 +37,24 @@ def learning_rate(base_lr: float, base_batch: float, batch: float, rule: str) ->
       >>> learning_rate(0.1, 256, 8192, 'linear')
       3.2
     """
-    base_lr = _checks.non_negative("base_lr", base_lr)
-    kappa = _checks.kappa(base_batch, batch)
+    base_lr = _validate.non_negative("base_lr", base_lr)
+    kappa = _validate.kappa(base_batch, batch)
     if rule == "linear":
         return base_lr * kappa
     if rule == "sqrt":
-        return base_lr * math.sqrt(kappa)
+        return sqrt_rule(base_lr, kappa)
     if rule == "none":
         return base_lr
     raise ValueError(f"rule must be one of {LEARNING_RATE_RULES}, got {rule!r}")
+
+
+def sqrt_rule(value: float, kappa: float) -> float:
+    """value * sqrt(kappa): the square-root rule on a checked value and kappa = B / B_ref.
+
+    The one place the rule is written: ``learning_rate(..., 'sqrt')``, ``adam_sde`` (lr, and
+    eps by its inverse) and ``rescale_hparams`` ('sqrt', 'adam_sde') all call it.
+    """
+    return value * math.sqrt(kappa)
 
 
 def surge_lr(lr_max: float, batch: float, noise_scale: float) -> float:
@@ -70,6 +79,6 @@ def surge_lr(lr_max: float, batch: float, noise_scale: float) -> float:
     Returns:
       The optimal learning rate at ``batch``.
     """
-    lr_max = _checks.non_negative("lr_max", lr_max)
-    ratio = _checks.positive("batch", batch) / _checks.positive("noise_scale", noise_scale)
+    lr_max = _validate.non_negative("lr_max", lr_max)
+    ratio = _validate.positive("batch", batch) / _validate.positive("noise_scale", noise_scale)
     return lr_max / (0.5 * (math.sqrt(1.0 / ratio) + math.sqrt(ratio)))

@@ -1,12 +1,11 @@
 """Rescale a whole optimizer config from a reference batch size to a new one, and log it."""
 
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from jaxbatch.scaling import _checks
-from jaxbatch.scaling.adam import sde_beta
+from jaxbatch import _validate
+from jaxbatch.scaling.adam import sde_hparam
 from jaxbatch.scaling.ema import ema_decay
 from jaxbatch.scaling.learning_rates import learning_rate
 from jaxbatch.scaling.weight_decay import adamw_timescale, weight_decay_for_timescale
@@ -72,12 +71,9 @@ def _count(old, scaled: float):
 
 
 def _adam_sde(key: str, leaf: str, old: float, kappa: float) -> float:
-    if leaf in _LR_NAMES:
-        return _checks.non_negative(key, old) * math.sqrt(kappa)
-    if leaf in _BETA_NAMES:
-        return sde_beta(old, kappa, name=key)
-    if leaf in _EPS_NAMES:
-        return _checks.non_negative(key, old) / math.sqrt(kappa)
+    for field, names in (("lr", _LR_NAMES), ("b1", _BETA_NAMES), ("eps", _EPS_NAMES)):
+        if leaf in names:
+            return sde_hparam(field, old, kappa, name=key)
     raise ValueError(
         f"rule 'adam_sde' applies to keys named {_LR_NAMES + _BETA_NAMES + _EPS_NAMES}, got {key!r}"
     )
@@ -167,7 +163,7 @@ def rescale_hparams(
     if not isinstance(rules, Mapping):
         raise ValueError(f"rules must be a Mapping of key -> rule, got {type(rules).__name__}")
     rules = _flatten(rules)
-    kappa = _checks.kappa(reference_batch, batch)
+    kappa = _validate.kappa(reference_batch, batch)
     for key, rule in rules.items():
         if rule not in RESCALE_RULES:
             raise ValueError(f"rules[{key!r}] must be one of {RESCALE_RULES}, got {rule!r}")
@@ -198,9 +194,9 @@ def rescale_hparams(
             elif rule == "adam_sde":
                 new = _adam_sde(key, leaf, old, kappa)
             elif rule == "steps":
-                new = _count(old, _checks.non_negative(key, old) / kappa)
+                new = _count(old, _validate.non_negative(key, old) / kappa)
             elif rule == "regime":
-                new = _count(old, _checks.non_negative(key, old) * kappa)
+                new = _count(old, _validate.non_negative(key, old) * kappa)
             else:  # timescale
                 new = _timescale(
                     key, old, old_tree, new_tree, learning_rate_key, reference_batch, batch
@@ -224,7 +220,7 @@ def _timescale(key, old, old_tree, new_tree, learning_rate_key, reference_batch,
             f"rule 'timescale' for {key!r} needs the learning rate at {lr_key!r}; pass "
             f"learning_rate_key= to name it ({err})"
         ) from None
-    decay = _checks.non_negative(key, old)
+    decay = _validate.non_negative(key, old)
     if decay == 0.0:
         return 0.0  # no decay is an infinite timescale at any batch size
     lr_old = _number(lr_key, old_parent[lr_leaf])

@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 import optax
 
-from jaxbatch.scaling import _checks
+from jaxbatch import _validate
 
 
 def _samples_seen(step, batch_size: float):
@@ -27,23 +27,23 @@ def _warmup(samples, init_lr: float, peak_lr: float, warmup_samples: float):
 
 
 def _check_phases(warmup_samples, total_samples, batch_size):
-    warmup_samples = _checks.non_negative("warmup_samples", warmup_samples)
-    total_samples = _checks.positive("total_samples", total_samples)
+    warmup_samples = _validate.non_negative("warmup_samples", warmup_samples)
+    total_samples = _validate.positive("total_samples", total_samples)
     if total_samples <= warmup_samples:
         raise ValueError(
             f"total_samples must be > warmup_samples, got total_samples={total_samples!r} and "
             f"warmup_samples={warmup_samples!r}"
         )
-    return warmup_samples, total_samples, _checks.positive("batch_size", batch_size)
+    return warmup_samples, total_samples, _validate.positive("batch_size", batch_size)
 
 
 def _warmup_then_decay(
     shape, peak_lr, init_lr, end_lr, warmup_samples, total_samples, batch_size
 ) -> optax.Schedule:
     """Linear warmup to ``peak_lr``, then end + (peak - end) * shape(frac), frac in [0, 1]."""
-    peak = _checks.non_negative("peak_lr", peak_lr)
-    init = _checks.non_negative("init_lr", init_lr)
-    end = _checks.non_negative("end_lr", end_lr)
+    peak = _validate.non_negative("peak_lr", peak_lr)
+    init = _validate.non_negative("init_lr", init_lr)
+    end = _validate.non_negative("end_lr", end_lr)
     warmup, total, batch = _check_phases(warmup_samples, total_samples, batch_size)
 
     def schedule(step):
@@ -168,10 +168,10 @@ def warmup_rsqrt_in_samples(
     Returns:
       ``step -> lr``, jit-able.
     """
-    peak = _checks.non_negative("peak_lr", peak_lr)
-    init = _checks.non_negative("init_lr", init_lr)
-    warmup = _checks.positive("warmup_samples", warmup_samples)
-    batch = _checks.positive("batch_size", batch_size)
+    peak = _validate.non_negative("peak_lr", peak_lr)
+    init = _validate.non_negative("init_lr", init_lr)
+    warmup = _validate.positive("warmup_samples", warmup_samples)
+    batch = _validate.positive("batch_size", batch_size)
 
     def schedule(step):
         samples = _samples_seen(step, batch)
@@ -203,10 +203,10 @@ def warmup_constant_in_samples(
     Returns:
       ``step -> lr``, jit-able.
     """
-    peak = _checks.non_negative("peak_lr", peak_lr)
-    init = _checks.non_negative("init_lr", init_lr)
-    warmup = _checks.non_negative("warmup_samples", warmup_samples)
-    batch = _checks.positive("batch_size", batch_size)
+    peak = _validate.non_negative("peak_lr", peak_lr)
+    init = _validate.non_negative("init_lr", init_lr)
+    warmup = _validate.non_negative("warmup_samples", warmup_samples)
+    batch = _validate.positive("batch_size", batch_size)
 
     def schedule(step):
         return _warmup(_samples_seen(step, batch), init, peak, warmup)
@@ -224,8 +224,8 @@ def steps_for_samples(samples: float, batch_size: float) -> int:
     Returns:
       ceil(samples / batch_size) as an int.
     """
-    samples = _checks.non_negative("samples", samples)
-    return math.ceil(samples / _checks.positive("batch_size", batch_size))
+    samples = _validate.non_negative("samples", samples)
+    return math.ceil(samples / _validate.positive("batch_size", batch_size))
 
 
 def regime_adaptation(samples: float, base_batch: float, batch: float) -> float:
@@ -252,4 +252,4 @@ def regime_adaptation(samples: float, base_batch: float, batch: float) -> float:
     Returns:
       The sample count for ``batch``.
     """
-    return _checks.non_negative("samples", samples) * _checks.kappa(base_batch, batch)
+    return _validate.non_negative("samples", samples) * _validate.kappa(base_batch, batch)

@@ -1,6 +1,6 @@
 """AdamW weight decay from the EMA timescale it implies (held fixed when the batch changes)."""
 
-from jaxbatch.scaling import _checks
+from jaxbatch import _validate
 
 
 def adamw_timescale(weight_decay: float, lr: float, batch: float, dataset_size: float) -> float:
@@ -31,10 +31,10 @@ def adamw_timescale(weight_decay: float, lr: float, batch: float, dataset_size: 
     Returns:
       tau in units of D (epochs, or fractions of the run).
     """
-    wd = _checks.positive("weight_decay", weight_decay)
-    lr = _checks.positive("lr", lr)
-    return _checks.positive("batch", batch) / (
-        lr * wd * _checks.positive("dataset_size", dataset_size)
+    wd = _validate.positive("weight_decay", weight_decay)
+    lr = _validate.positive("lr", lr)
+    return _validate.positive("batch", batch) / (
+        lr * wd * _validate.positive("dataset_size", dataset_size)
     )
 
 
@@ -65,7 +65,7 @@ def weight_decay_for_timescale(tau: float, lr: float, batch: float, dataset_size
       >>> weight_decay_for_timescale(0.2, 1e-3, 512, 1_000_000)
       2.56
     """
-    tau = _checks.positive("tau", tau)
-    lr = _checks.positive("lr", lr)
-    batch = _checks.positive("batch", batch)
-    return batch / (lr * tau * _checks.positive("dataset_size", dataset_size))
+    tau = _validate.positive("tau", tau)
+    lr = _validate.positive("lr", lr)
+    batch = _validate.positive("batch", batch)
+    return batch / (lr * tau * _validate.positive("dataset_size", dataset_size))

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbatch import _validate
+
 
 def _concrete(x) -> bool:
     """True for host values we may inspect without a device transfer or a trace."""
@@ -98,8 +100,7 @@ def noise_scale_ema_update(
     Returns:
       ``(new_state, b_simple)``, B_simple a float32 scalar.
     """
-    if _concrete(decay) and not 0.0 <= float(decay) < 1.0:
-        raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+    _validate.check_decay("decay", decay)
     decay = jnp.asarray(decay, jnp.float32)
     new = NoiseScaleEMA(
         g2=decay * state.g2 + (1.0 - decay) * jnp.asarray(g2, jnp.float32),

@@ -115,3 +115,16 @@ def test_timescale_is_an_ema_horizon_of_optax_adamw():
 def test_bad_input_names_the_value(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("base_batch,batch", BATCHES)
+def test_every_square_root_path_gives_the_same_number(base_batch, batch):
+    """learning_rate('sqrt'), adam_sde and rescale_hparams('sqrt' / 'adam_sde') share one rule."""
+    lr = scaling.learning_rate(3e-4, base_batch, batch, "sqrt")
+    sde = scaling.adam_sde(scaling.AdamHParams(3e-4, b1=0.99, eps=1e-8), base_batch, batch)
+    hp = {"lr": 3e-4, "peak_lr": 3e-4, "eps": 1e-8}
+    rules = {"lr": "sqrt", "peak_lr": "adam_sde", "eps": "adam_sde"}
+    new, _ = scaling.rescale_hparams(hp, reference_batch=base_batch, batch=batch, rules=rules)
+    assert sde.lr == lr == new["lr"] == new["peak_lr"]
+    assert new["eps"] == sde.eps
+    np.testing.assert_allclose(sde.eps * lr, 1e-8 * 3e-4, rtol=1e-12)  # eps moves inversely

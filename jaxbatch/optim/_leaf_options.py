@@ -1,101 +1,19 @@
-"""Construction-time checks and per-leaf option trees shared by the optimizers.
+"""Per-leaf options of the optimizers: a mask of bools or a tree of layer axes, resolved to one
+Python value per params leaf.
 
-Two jobs:
-
-- value checks (``check_range`` and friends) that raise a ``ValueError`` naming the argument, the
-  value received and the range expected. They check only concrete values: under
-  ``optax.inject_hyperparams`` the hyper-parameters arrive as traced arrays inside ``update``,
-  and a check there would force a host sync, so traced values are skipped (they were already
-  checked, concretely, when ``init`` ran).
-- ``leaf_options``: turns a per-leaf option (a mask of bools, a tree of layer axes) given as a
-  pytree, a prefix of the params pytree, or a callable ``params -> pytree``, into one Python value
-  per params leaf, and fails with the mismatching paths when the trees do not line up.
+An option may be given as a pytree, a prefix of the params pytree, or a callable
+``params -> pytree``; ``leaf_options`` expands it and fails with the mismatching paths when the
+trees do not line up. Scalar hyper-parameter checks live in ``jaxbatch._validate``.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-
-
-def concrete_float(value: Any) -> float | None:
-    """Returns ``value`` as a float, or None when it is traced, a schedule, or not a scalar."""
-    if value is None or callable(value):
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    try:
-        array = np.asarray(value)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-    if array.shape != () or not np.issubdtype(array.dtype, np.number):
-        return None
-    return float(array)
-
-
-def check_range(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raises ValueError if a concrete ``value`` lies outside the interval [low, high].
-
-    ``low_open`` / ``high_open`` exclude the end points. Traced values and schedules are not
-    checked (see the module docstring). NaN is always rejected.
-    """
-    v = concrete_float(value)
-    if v is None:
-        return
-    lo = "(" if low_open else "["
-    hi = ")" if high_open else "]"
-    expected = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
-    bad = math.isnan(v)
-    if low is not None:
-        bad |= v <= low if low_open else v < low
-    if high is not None:
-        bad |= v >= high if high_open else v > high
-    if bad:
-        raise ValueError(f"{name} must lie in {expected}, got {value!r}")
-
-
-def check_non_negative(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete ``value`` is negative (or NaN)."""
-    check_range(name, value, low=0.0)
-
-
-def check_positive(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete ``value`` is not strictly positive."""
-    check_range(name, value, low=0.0, low_open=True)
-
-
-def check_decay(name: str, value: Any) -> None:
-    """Raises ValueError if a concrete decay rate is outside [0, 1) (1 would never move)."""
-    check_range(name, value, low=0.0, high=1.0, high_open=True)
-
-
-def check_ratio_bounds(min_ratio: Any, max_ratio: Any) -> None:
-    """Checks optional trust-ratio clip bounds: each >= 0 and min_ratio <= max_ratio."""
-    check_non_negative("min_ratio", min_ratio)
-    check_non_negative("max_ratio", max_ratio)
-    lo, hi = concrete_float(min_ratio), concrete_float(max_ratio)
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(
-            f"min_ratio must be <= max_ratio, got min_ratio={min_ratio!r} > max_ratio={max_ratio!r}"
-        )
-
-
-def check_learning_rate(value: Any) -> None:
-    """Raises ValueError for a negative constant learning rate (schedules are not evaluated)."""
-    check_non_negative("learning_rate", value)
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -218,11 +136,3 @@ def mask_tree(name: str, mask: Any, params: Any) -> Any:
     """Resolves ``mask`` (tree, prefix tree or callable) to a full bool tree shaped like params."""
     values = leaf_options(name, mask, params, default=True, check_leaf=check_mask_leaf(name))
     return jax.tree.unflatten(jax.tree.structure(params), values)
-
-
-def require_params(params: Any, transform: str) -> None:
-    """Raises ValueError when a transform that reads the parameters is called without them."""
-    if params is None:
-        raise ValueError(
-            f"{transform}.update needs the current params: call update(u, state, params)"
-        )
