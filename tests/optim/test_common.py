@@ -102,17 +102,6 @@ def _params_and_grads(seed=0, steps=3):
     return params, grads
 
 
-def _run(tx, params, grads, *, jit=True):
-    state = tx.init(params)
-    update = jax.jit(tx.update) if jit else tx.update
-    outs = []
-    for g in grads:
-        u, state = update(g, state, params)
-        params = optax.apply_updates(params, u)
-        outs.append(u)
-    return outs, state
-
-
 def _assert_close(a, b):
     """Leafwise closeness; the bf16 'kernel' leaf and all derived from it get a bf16 tolerance."""
 
@@ -132,44 +121,38 @@ def _assert_close(a, b):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_jit_matches_eager(case):
+def test_jit_matches_eager(case, run_optimizer):
     params, grads = _params_and_grads()
     tx = case.factory(**case.kwargs)
-    eager, eager_state = _run(tx, params, grads, jit=False)
-    jitted, jit_state = _run(tx, params, grads, jit=True)
+    eager, eager_state = run_optimizer(tx, params, grads, jit=False)
+    jitted, jit_state = run_optimizer(tx, params, grads, jit=True)
     _assert_close(jitted, eager)
     _assert_close(jit_state, eager_state)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_composes_in_chain(case):
+def test_composes_in_chain(case, run_optimizer):
     """chain(scale(0.5), tx) sees exactly the halved gradients."""
     params, grads = _params_and_grads(1)
-    chained, chained_state = _run(
+    chained, chained_state = run_optimizer(
         optax.chain(optax.scale(0.5), case.factory(**case.kwargs)), params, grads
     )
     halved = [jax.tree.map(lambda g: 0.5 * g, g) for g in grads]
-    direct, direct_state = _run(case.factory(**case.kwargs), params, halved)
+    direct, direct_state = run_optimizer(case.factory(**case.kwargs), params, halved)
     _assert_close(chained, direct)
     _assert_close(chained_state[1], direct_state)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_inject_hyperparams(case):
+def test_inject_hyperparams(case, run_optimizer):
     """Under inject_hyperparams the transform equals its plain form, also after a change."""
     params, grads = _params_and_grads(2)
     static = [k for k, v in case.kwargs.items() if isinstance(v, dict) or k.endswith("dtype")]
     injected = optax.inject_hyperparams(case.factory, static_args=static)(**case.kwargs)
     state = injected.init(params)
     state.hyperparams[case.hyperparam] = jnp.asarray(case.new_value, jnp.float32)
-    update = jax.jit(injected.update)
-    outs = []
-    p = params
-    for g in grads:
-        u, state = update(g, state, p)
-        p = optax.apply_updates(p, u)
-        outs.append(u)
-    plain, plain_state = _run(
+    outs, state = run_optimizer(injected, params, grads, state=state)
+    plain, plain_state = run_optimizer(
         case.factory(**{**case.kwargs, case.hyperparam: case.new_value}), params, grads
     )
     _assert_close(outs, plain)
@@ -192,7 +175,7 @@ def test_dtypes(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_sharded_params(case, eight_devices):
+def test_sharded_params(case, eight_devices, run_optimizer):
     """Params sharded P('x') on the leading dim: same numbers, sharding kept, no host transfer.
 
     The first step runs outside the transfer guard: it moves the freshly initialised scalars
@@ -202,7 +185,7 @@ def test_sharded_params(case, eight_devices):
     sharding = NamedSharding(mesh, P("x"))
     params, grads = _params_and_grads(4, steps=3)
     tx = case.factory(**case.kwargs)
-    expected, _ = _run(tx, params, grads)
+    expected, _ = run_optimizer(tx, params, grads)
     p = jax.device_put(params, sharding)
     state = jax.jit(tx.init)(p)
     update = jax.jit(tx.update)

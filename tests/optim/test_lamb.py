@@ -58,28 +58,17 @@ def _problem(seed=0, steps=5):
     return params, grads_seq
 
 
-def _run(tx, params, grads_seq):
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    outs = []
-    for g in grads_seq:
-        u, state = update(g, state, params)
-        params = optax.apply_updates(params, u)
-        outs.append(u)
-    return outs, state
-
-
 @pytest.mark.parametrize("optax_mask", [None, {"stacked": True, "kernel": True, "bias": False}])
-def test_equals_optax_lamb(optax_mask):
+def test_equals_optax_lamb(optax_mask, run_optimizer):
     """optax.lamb's ``mask`` is a weight-decay mask; ours is ``weight_decay_mask``."""
     params, grads_seq = _problem()
     hp = dict(b1=0.8, b2=0.99, eps=1e-5, weight_decay=0.1)
-    ours, _ = _run(optim.lamb(1e-2, weight_decay_mask=optax_mask, **hp), params, grads_seq)
-    theirs, _ = _run(optax.lamb(1e-2, mask=optax_mask, **hp), params, grads_seq)
+    ours, _ = run_optimizer(optim.lamb(1e-2, weight_decay_mask=optax_mask, **hp), params, grads_seq)
+    theirs, _ = run_optimizer(optax.lamb(1e-2, mask=optax_mask, **hp), params, grads_seq)
     chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-9)
 
 
-def test_matches_numpy_with_masks_clipping_and_layer_axes():
+def test_matches_numpy_with_masks_clipping_and_layer_axes(run_optimizer):
     params, grads_seq = _problem(1)
     wd_mask = {"stacked": True, "kernel": True, "bias": False}
     tr_mask = {"stacked": True, "kernel": False, "bias": True}
@@ -94,7 +83,7 @@ def test_matches_numpy_with_masks_clipping_and_layer_axes():
         layer_axes=axes,
         **hp,
     )
-    outs, state = _run(tx, params, grads_seq)
+    outs, state = run_optimizer(tx, params, grads_seq)
     expected = np_lamb(
         params,
         grads_seq,

@@ -48,20 +48,9 @@ def _problem(seed=0, steps=4):
     return params, grads_seq
 
 
-def _run(tx, params, grads_seq):
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    outs = []
-    for g in grads_seq:
-        u, state = update(g, state, params)
-        params = optax.apply_updates(params, u)
-        outs.append(u)
-    return outs, state
-
-
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_matches_numpy(nesterov, masked):
+def test_matches_numpy(nesterov, masked, run_optimizer):
     params, grads_seq = _problem()
     hp = dict(momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02, eps=1e-6)
     lr = optax.linear_schedule(0.5, 0.1, 3)
@@ -74,7 +63,7 @@ def test_matches_numpy(nesterov, masked):
         trust_ratio_mask=tr_mask if masked else None,
         **hp,
     )
-    outs, _ = _run(tx, params, grads_seq)
+    outs, _ = run_optimizer(tx, params, grads_seq)
     expected = np_lars(
         params,
         grads_seq,
@@ -90,10 +79,10 @@ def test_matches_numpy(nesterov, masked):
     chex.assert_trees_all_close(outs, expected, rtol=2e-5, atol=1e-7)
 
 
-def test_state_holds_local_learning_rates():
+def test_state_holds_local_learning_rates(run_optimizer):
     params, grads_seq = _problem()
     tx = optim.lars(1.0, weight_decay=0.1, trust_coefficient=0.01)
-    _, state = _run(tx, params, grads_seq[:1])
+    _, state = run_optimizer(tx, params, grads_seq[:1])
     ratios = optax.tree.get(state, "ratios")
     w, g = params["kernel"], grads_seq[0]["kernel"]
     wn, gn = np.linalg.norm(w), np.linalg.norm(g)
@@ -102,15 +91,15 @@ def test_state_holds_local_learning_rates():
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_equals_optax_lars_without_weight_decay(nesterov):
+def test_equals_optax_lars_without_weight_decay(nesterov, run_optimizer):
     """With weight_decay = 0 the paper's denominator and optax's coincide."""
     params, grads_seq = _problem(1)
     mask = {"kernel": True, "bias": False, "zeros": True}
     hp = dict(momentum=0.8, trust_coefficient=0.05, nesterov=nesterov, trust_ratio_mask=mask)
     ours = optim.lars(0.3, **hp)
     theirs = optax.lars(0.3, **hp)
-    a, _ = _run(ours, params, grads_seq)
-    b, _ = _run(theirs, params, grads_seq)
+    a, _ = run_optimizer(ours, params, grads_seq)
+    b, _ = run_optimizer(theirs, params, grads_seq)
     chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-8)
 
 
