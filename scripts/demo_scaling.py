@@ -28,7 +28,8 @@ setting of the scaling rules' derivations (``jaxbatch.data.make_train_iterator``
 epoch's remainder, so its batches at B and at kappa·B would not nest).
 
 Run: ``python scripts/demo_scaling.py [--quick] [--seeds 3] [--out FILE]`` (default
-``bench_results/demo_scaling.json``).
+``bench_results/demo_scaling.json``). This file holds the experiments; the training run is in
+``scripts/_demo_scaling_train.py``, the metrics and tables in ``scripts/_demo_scaling_report.py``.
 
 References:
   Busbridge et al., 2023, "How to Scale Your EMA", the EMA Scaling Rule (rho_hat = rho^kappa).
@@ -45,324 +46,29 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbatch import optim, scaling
-from jaxbatch.data import load_arrays
+# The demo's parts live beside this file (scripts/ is not a package).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything that defines one demo run (:data:`QUICK` is the small variant for tests).
-
-    The learning rates are picked from ``*_lr_grid`` at ``base_batch`` (a one-value grid is
-    used as is); every other hyper-parameter is fixed here and moved by the rules only.
-    """
-
-    base_batch: int = 32
-    kappas: tuple[int, ...] = (4, 8, 16, 32)
-    epochs: int = 40
-    warmup_epochs: float = 4.0
-    early_epochs: float = 2.0
-    ema_decay: float = 0.99
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    # Biases are outside LARS' trust ratio (exclude_bias_and_norm), so the global learning rate
-    # is also their plain SGD rate; trust_coefficient = 0.02 puts it in SGD's range.
-    trust_coefficient: float = 0.02
-    hidden: tuple[int, ...] = (128, 128)
-    sgd_lr_grid: tuple[float, ...] = (0.02, 0.05, 0.1)
-    lars_lr_grid: tuple[float, ...] = (0.025, 0.05, 0.1)
-    validation_size: int = 287
-    seeds: int = 3
-
-    def __post_init__(self):
-        if self.base_batch < 1 or not self.kappas or any(k < 2 for k in self.kappas):
-            raise ValueError(
-                f"need base_batch >= 1 and at least one kappa, all >= 2; got "
-                f"base_batch={self.base_batch!r}, kappas={self.kappas!r}"
-            )
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
-        if self.seeds < 1 or self.epochs < 1:
-            raise ValueError(f"need seeds >= 1 and epochs >= 1, got {self.seeds}, {self.epochs}")
-        if not self.sgd_lr_grid or not self.lars_lr_grid:
-            raise ValueError("the learning-rate grids must not be empty")
-
-    @property
-    def batches(self) -> tuple[int, ...]:
-        """The reference batch followed by kappa·B for every kappa."""
-        return (self.base_batch, *(self.base_batch * k for k in self.kappas))
-
-    @property
-    def eval_every(self) -> int:
-        """Samples between evaluations: the largest batch, so every run stops at each point."""
-        return max(self.batches)
-
-    def total_samples(self, num_examples: int) -> int:
-        """``epochs`` epochs rounded down to a whole number of evaluation intervals."""
-        total = (self.epochs * num_examples) // self.eval_every * self.eval_every
-        if total == 0:
-            raise ValueError(
-                f"{self.epochs} epochs of {num_examples} examples are fewer than one batch of "
-                f"{self.eval_every}"
-            )
-        return total
-
-
-#: ~30 s on 2 CPU cores: one kappa, a smaller MLP, fewer epochs, no tuning, one seed.
-QUICK = Settings(
-    kappas=(8,),
-    epochs=8,
-    warmup_epochs=1.0,
-    hidden=(64, 64),
-    sgd_lr_grid=(0.05,),
-    lars_lr_grid=(0.1,),
-    seeds=1,
+from _demo_scaling_report import markdown_tables, seed_metrics, summarize  # noqa: E402
+from _demo_scaling_train import (  # noqa: E402
+    OPTIMIZERS,
+    QUICK,
+    Mlp,
+    Settings,
+    ema_of_trajectory,
+    flat,
+    load_digits,
+    sample_stream,
+    train,
 )
 
-KINDS = ("sgd", "lars")
-
-
-# ----------------------------------------------------------------------------- data and model
-
-
-def load_digits() -> dict[str, np.ndarray]:
-    """The digits splits flattened to 64 features: {'x_train', 'y_train', 'x_test', 'y_test'}."""
-    out = {}
-    for split in ("train", "test"):
-        arrays = load_arrays("digits", split)
-        out[f"x_{split}"] = arrays["image"].reshape(arrays["image"].shape[0], -1)
-        out[f"y_{split}"] = arrays["label"]
-    return out
-
-
-def sample_stream(num_examples: int, num_samples: int, seed: int) -> np.ndarray:
-    """Indices of the first ``num_samples`` samples of a stream of per-epoch permutations.
-
-    Args:
-      num_examples: size of the training set (> 0).
-      num_samples: length of the stream (>= 0).
-      seed: NumPy seed.
-
-    Returns:
-      int64 [num_samples]; every block of ``num_examples`` consecutive entries starting at a
-      multiple of ``num_examples`` is a permutation of ``range(num_examples)``.
-    """
-    if num_examples <= 0 or num_samples < 0:
-        raise ValueError(
-            f"need num_examples > 0 and num_samples >= 0, got {num_examples}, {num_samples}"
-        )
-    rng = np.random.default_rng(seed)
-    epochs = -(-num_samples // num_examples)
-    perms = [rng.permutation(num_examples) for _ in range(epochs)]
-    return np.concatenate(perms or [np.zeros(0, np.int64)])[:num_samples]
-
-
-class Mlp(nn.Module):
-    """ReLU MLP classifier on flattened 8x8 digits."""
-
-    hidden: Sequence[int]
-    num_classes: int = 10
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.hidden:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
-
-
-def accuracy(model: nn.Module, params: Any, x: Any, y: Any) -> jax.Array:
-    """Fraction of ``x`` classified as ``y`` (a traceable f32 scalar)."""
-    logits = model.apply({"params": params}, x)
-    return jnp.mean(jnp.argmax(logits, -1) == y)
-
-
-def flat(tree: Any) -> np.ndarray:
-    """All leaves of ``tree`` as one float64 vector."""
-    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
-
-
-def relative_distance(tree: Any, reference: Any) -> float:
-    """||tree - reference|| / ||reference|| over all leaves (L2 of the flattened vectors)."""
-    a, b = flat(tree), flat(reference)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-# ----------------------------------------------------------------------------- EMA building block
-
-
-def maybe_ema_update(
-    transform: optax.GradientTransformation, every: int, state: Any, tree: Any, step: jax.Array
-) -> Any:
-    """One ``model_ema`` update when ``(step + 1) % every == 0``, else the state unchanged.
-
-    ``every = kappa`` feeds the EMA one snapshot out of every kappa: what a run at kappa·B sees
-    of the batch-B trajectory (the params after each block of kappa small steps).
-    """
-    _, new_state = transform.update(tree, state)
-    if every == 1:
-        return new_state
-    take = (step + 1) % every == 0
-    return jax.tree.map(lambda n, o: jnp.where(take, n, o), new_state, state)
-
-
-def ema_of_trajectory(
-    snapshots: Any, transform: optax.GradientTransformation, *, every: int, init: Any
-) -> Any:
-    """EMA of a stacked trajectory, updated once every ``every`` snapshots.
-
-    Args:
-      snapshots: pytree whose leaves have a leading time axis [T, ...].
-      transform: a :func:`jaxbatch.optim.model_ema` transform.
-      every: update on snapshots every-1, 2·every-1, ... (>= 1).
-      init: the tree the EMA starts from.
-
-    Returns:
-      The EMA after the last snapshot.
-    """
-    if every < 1:
-        raise ValueError(f"every must be >= 1, got {every!r}")
-
-    def body(carry, snapshot):
-        state, step = carry
-        return (maybe_ema_update(transform, every, state, snapshot, step), step + 1), None
-
-    (state, _), _ = jax.lax.scan(body, (transform.init(init), jnp.int32(0)), snapshots)
-    return state.ema
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def make_optimizer(
-    kind: str, schedule: optax.Schedule, s: Settings
-) -> optax.GradientTransformation:
-    """'sgd': SGD + momentum, L2 decay added to the gradient; 'lars': :func:`jaxbatch.optim.lars`.
-
-    Both use ``s.momentum`` and ``s.weight_decay`` and exempt biases from the decay
-    (``exclude_bias_and_norm``); LARS also exempts them from the trust ratio.
-    """
-    mask = optim.masks.exclude_bias_and_norm
-    if kind == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(s.weight_decay, mask=mask),
-            optax.sgd(schedule, momentum=s.momentum),
-        )
-    if kind == "lars":
-        return optim.lars(
-            schedule,
-            momentum=s.momentum,
-            weight_decay=s.weight_decay,
-            trust_coefficient=s.trust_coefficient,
-            weight_decay_mask=mask,
-            trust_ratio_mask=mask,
-        )
-    raise ValueError(f"optimizer kind must be 'sgd' or 'lars', got {kind!r}")
-
-
-def train(
-    *,
-    kind: str,
-    base_lr: float,
-    batch: int,
-    emas: dict[str, tuple[optax.GradientTransformation, int]],
-    data: dict[str, np.ndarray],
-    stream: np.ndarray,
-    eval_every: int,
-    s: Settings,
-    init_seed: int,
-) -> dict[str, Any]:
-    """Trains the MLP at ``batch`` on ``stream`` and evaluates every ``eval_every`` samples.
-
-    The learning rate is ``base_lr`` (tuned at ``s.base_batch``) moved by the linear rule
-    (lr = base_lr·batch / base_batch), on a warmup + cosine schedule in samples, so every batch
-    size follows the same schedule in epochs.
-
-    Args:
-      kind: 'sgd' or 'lars' (see :func:`make_optimizer`).
-      base_lr: learning rate at ``s.base_batch``.
-      batch: the batch size of this run.
-      emas: name -> (``model_ema`` transform, update every this many steps).
-      data: :func:`load_digits` arrays; accuracies are measured on 'x_test' / 'y_test'.
-      stream: sample indices (:func:`sample_stream`); its length is the sample budget.
-      eval_every: samples between evaluations (a multiple of ``batch``).
-      s: the settings.
-      init_seed: seed of the parameter init (the same for every batch size).
-
-    Returns:
-      {'kind', 'batch', 'lr', 'points'}: one point per evaluation with 'samples', the last
-      training 'loss', 'vectors' (name -> flattened float64 params: 'online' and every EMA)
-      and 'acc' (name -> test accuracy).
-    """
-    if eval_every % batch or len(stream) % eval_every:
-        raise ValueError(
-            f"eval_every={eval_every} must be a multiple of batch={batch} and divide the "
-            f"stream length {len(stream)}"
-        )
-    n_train = len(data["y_train"])
-    lr = scaling.learning_rate(base_lr, s.base_batch, batch, "linear")
-    schedule = scaling.warmup_cosine_in_samples(
-        lr,
-        warmup_samples=s.warmup_epochs * n_train,
-        total_samples=len(stream),
-        batch_size=batch,
-    )
-    tx = make_optimizer(kind, schedule, s)
-    model = Mlp(s.hidden)
-    params = model.init(jax.random.key(init_seed), data["x_train"][:1])["params"]
-    ema_states = {name: t.init(params) for name, (t, _) in emas.items()}
-
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    def step(carry, xy):
-        p, opt_state, ema_st, t = carry
-        loss, grads = jax.value_and_grad(loss_fn)(p, *xy)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        p = optax.apply_updates(p, updates)
-        ema_st = {
-            name: maybe_ema_update(tr, every, ema_st[name], p, t)
-            for name, (tr, every) in emas.items()
-        }
-        return (p, opt_state, ema_st, t + 1), loss
-
-    @jax.jit
-    def segment(carry, x, y):
-        return jax.lax.scan(step, carry, (x, y))
-
-    @jax.jit
-    def evaluate(trees):
-        x, y = data["x_test"], data["y_test"]
-        return {name: accuracy(model, tree, x, y) for name, tree in trees.items()}
-
-    carry = (params, tx.init(params), ema_states, jnp.int32(0))
-    steps = eval_every // batch
-    points = []
-    for start in range(0, len(stream), eval_every):
-        idx = stream[start : start + eval_every].reshape(steps, batch)
-        carry, losses = segment(carry, data["x_train"][idx], data["y_train"][idx])
-        p, _, ema_st, _ = carry
-        trees = {"online": p, **{name: st.ema for name, st in ema_st.items()}}
-        points.append(
-            {
-                "samples": start + eval_every,
-                "loss": float(losses[-1]),
-                "vectors": {name: flat(tree) for name, tree in trees.items()},
-                "acc": {name: float(a) for name, a in evaluate(trees).items()},
-            }
-        )
-    return {"kind": kind, "batch": batch, "lr": lr, "points": points}
-
+from jaxbatch import optim  # noqa: E402
 
 # ----------------------------------------------------------------------------- experiments
 
@@ -439,7 +145,7 @@ def run_seed(seed: int, lrs: dict, s: Settings, data: dict[str, np.ndarray], log
     n = len(data["y_train"])
     stream = sample_stream(n, s.total_samples(n), seed=seed)
     runs = {}
-    for kind in KINDS:
+    for kind in OPTIMIZERS:
         for batch in s.batches:
             t0 = time.perf_counter()
             runs[kind, batch] = train(
@@ -459,87 +165,6 @@ def run_seed(seed: int, lrs: dict, s: Settings, data: dict[str, np.ndarray], log
                 f"loss {last['loss']:.4f} ({time.perf_counter() - t0:.1f} s)"
             )
     return runs
-
-
-def _distances(run: dict, ref: dict, name: str, ref_name: str) -> np.ndarray:
-    """Relative distance of ``run``'s tree ``name`` to ``ref``'s ``ref_name`` at every point."""
-    return np.array(
-        [
-            relative_distance_vectors(p["vectors"][name], q["vectors"][ref_name])
-            for p, q in zip(run["points"], ref["points"], strict=True)
-        ]
-    )
-
-
-def relative_distance_vectors(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b|| for flat vectors."""
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _lags(run: dict, name: str) -> np.ndarray:
-    """||ema - online|| / ||online|| of ``run`` at every point: how far the EMA trails."""
-    return np.array(
-        [
-            relative_distance_vectors(p["vectors"][name], p["vectors"]["online"])
-            for p in run["points"]
-        ]
-    )
-
-
-def _accs(run: dict, name: str) -> np.ndarray:
-    return np.array([p["acc"][name] for p in run["points"]])
-
-
-def seed_metrics(runs: dict, s: Settings, num_examples: int) -> dict:
-    """Distances and accuracies of one seed, at equal samples seen.
-
-    For every optimizer and kappa, with the batch-B run as reference:
-
-    - ``dist_{scaled,unscaled}_{early,end}``: relative L2 distance of the kappa·B run's EMA to
-      the batch-B EMA after ``s.early_epochs`` epochs (the first evaluation at or after it)
-      and after the last step; ``dist_online_*``: the same for the trained parameters, the
-      floor that the trajectories' own divergence sets for any EMA comparison.
-    - ``lag_ratio_{scaled,unscaled}``: mean over evaluations of ||ema - online|| / ||online||
-      in the kappa·B run, divided by the same for the batch-B run (1 = the EMA trails its
-      trajectory by as much as at B; unaffected by the trajectories drifting apart).
-    - ``traj_{scaled,unscaled}_{end,max}``: distance of the one-in-kappa EMAs of the batch-B
-      trajectory to its every-step EMA (no second training run involved).
-    - ``acc_ema_{ref,scaled,unscaled}_{early,end}``: test accuracy of the EMA models;
-      ``acc_gap_{scaled,unscaled}_mean``: mean over evaluations of |acc - acc of batch-B EMA|.
-    """
-    out = {}
-    for kind in KINDS:
-        ref = runs[kind, s.base_batch]
-        samples = np.array([p["samples"] for p in ref["points"]])
-        early = int(np.argmax(samples >= min(s.early_epochs * num_examples, samples[-1])))
-        lag_ref = _lags(ref, "ema_ref").mean()
-        acc_ref = _accs(ref, "ema_ref")
-        for k in s.kappas:
-            run = runs[kind, k * s.base_batch]
-            dist = {
-                "scaled": _distances(run, ref, "ema_scaled", "ema_ref"),
-                "unscaled": _distances(run, ref, "ema_unscaled", "ema_ref"),
-                "online": _distances(run, ref, "online", "online"),
-            }
-            traj = {
-                "scaled": _distances(ref, ref, f"traj_scaled_k{k}", "ema_ref"),
-                "unscaled": _distances(ref, ref, f"traj_unscaled_k{k}", "ema_ref"),
-            }
-            m = {"early_samples": int(samples[early]), "acc_ema_ref_early": float(acc_ref[early])}
-            m["acc_ema_ref_end"] = float(acc_ref[-1])
-            for key, v in dist.items():
-                m[f"dist_{key}_early"], m[f"dist_{key}_end"] = float(v[early]), float(v[-1])
-            for key, v in traj.items():
-                m[f"traj_{key}_end"], m[f"traj_{key}_max"] = float(v[-1]), float(v.max())
-            for key in ("scaled", "unscaled"):
-                acc = _accs(run, f"ema_{key}")
-                m[f"lag_ratio_{key}"] = float(_lags(run, f"ema_{key}").mean() / lag_ref)
-                m[f"acc_ema_{key}_early"], m[f"acc_ema_{key}_end"] = acc[early], acc[-1]
-                m[f"acc_gap_{key}_mean"] = float(np.abs(acc - acc_ref).mean())
-            out[kind, k] = {key: float(v) for key, v in m.items()}
-        for batch in s.batches:
-            out[kind, batch, "acc"] = runs[kind, batch]["points"][-1]["acc"]["online"]
-    return out
 
 
 def constant_segment_check(s: Settings, data: dict[str, np.ndarray]) -> dict[int, float]:
@@ -566,115 +191,7 @@ def constant_segment_check(s: Settings, data: dict[str, np.ndarray]) -> dict[int
     return out
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    v = np.asarray(values, np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
-
-
-def summarize(per_seed: list[dict], s: Settings) -> dict:
-    """Mean and std over seeds of every metric of :func:`seed_metrics`."""
-    summary: dict[str, Any] = {"ema": {}, "accuracy": {}}
-    for kind in KINDS:
-        for k in s.kappas:
-            keys = per_seed[0][kind, k]
-            summary["ema"][f"{kind}/k{k}"] = {
-                key: _mean_std([m[kind, k][key] for m in per_seed]) for key in keys
-            }
-        for batch in s.batches:
-            summary["accuracy"][f"{kind}/B{batch}"] = _mean_std(
-                [m[kind, batch, "acc"] for m in per_seed]
-            )
-    return summary
-
-
-def _pm(stat: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
-    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-
-
-def markdown_tables(summary: dict, lrs: dict, exact: dict[int, float], s: Settings, n: int) -> str:
-    """The three result tables (EMA in training, EMA on a fixed trajectory, LARS vs SGD)."""
-    rho, b = s.ema_decay, s.base_batch
-    total = s.total_samples(n)
-    early = summary["ema"][f"sgd/k{s.kappas[0]}"]["early_samples"]["mean"]
-    lines = [
-        f"Digits, MLP {list(s.hidden)}, {total} samples ({total / n:.1f} epochs) per run, "
-        f"reference batch B = {b}, learning rates tuned at B (SGD {lrs['sgd']['lr']:g}, "
-        f"LARS {lrs['lars']['lr']:g}) and moved by the linear rule; warmup "
-        f"{s.warmup_epochs:g} epochs + cosine, in samples; EMA decay rho = {rho} at B; "
-        f"mean ± std over {s.seeds} seed(s). dist.: ||theta - theta_ref|| / ||theta_ref|| at "
-        f"equal samples seen, 'early' after {early:.0f} samples ({early / n:.1f} epochs), "
-        f"'end' after the last step.",
-        "",
-        "**1. EMA scaling rule in training.** Reference: the EMA of the batch-B run. 'online' "
-        "is the distance between the trained parameters themselves, the floor for any EMA "
-        "distance. lag ratio: mean over training of ||EMA - params|| / ||params|| in the κ·B "
-        "run over the same in the B run (1 = the EMA trails its trajectory as at B).",
-        "",
-        "| optimizer | κ | batch | ρ per step: scaled / unscaled "
-        "| dist. early: scaled / unscaled / online | dist. end: scaled / unscaled / online "
-        "| lag ratio: scaled / unscaled "
-        "| EMA test acc. early (%): B / scaled / unscaled "
-        "| EMA test acc. end (%): B / scaled / unscaled |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for kind in KINDS:
-        for k in s.kappas:
-            m = summary["ema"][f"{kind}/k{k}"]
-            d = lambda key, m=m: _pm(m[key], digits=3)
-            a = lambda key, m=m: _pm(m[key], 100, 1)
-            lines.append(
-                f"| {kind} | {k} | {k * b} | {rho**k:.4f} / {rho} "
-                f"| {d('dist_scaled_early')} / {d('dist_unscaled_early')} / "
-                f"{d('dist_online_early')} "
-                f"| {d('dist_scaled_end')} / {d('dist_unscaled_end')} / {d('dist_online_end')} "
-                f"| {_pm(m['lag_ratio_scaled'], digits=2)} / "
-                f"{_pm(m['lag_ratio_unscaled'], digits=2)} "
-                f"| {a('acc_ema_ref_early')} / {a('acc_ema_scaled_early')} / "
-                f"{a('acc_ema_unscaled_early')} "
-                f"| {a('acc_ema_ref_end')} / {a('acc_ema_scaled_end')} / "
-                f"{a('acc_ema_unscaled_end')} |"
-            )
-    lines += [
-        "",
-        "**2. EMA scaling rule on a fixed trajectory** (the batch-B training trajectory; an EMA "
-        "fed one snapshot in κ, against the every-step EMA at ρ; last column: κ steps at ρ vs "
-        "one step at ρ^κ on a constant segment, max |difference|)",
-        "",
-        "| optimizer | κ | dist. one-in-κ at ρ^κ (end / max) | dist. one-in-κ at ρ (end / max) "
-        "| constant segment |",
-        "|---|---|---|---|---|",
-    ]
-    for kind in KINDS:
-        for k in s.kappas:
-            m = summary["ema"][f"{kind}/k{k}"]
-            lines.append(
-                f"| {kind} | {k} | {_pm(m['traj_scaled_end'], digits=4)} / "
-                f"{_pm(m['traj_scaled_max'], digits=4)} "
-                f"| {_pm(m['traj_unscaled_end'], digits=4)} / "
-                f"{_pm(m['traj_unscaled_max'], digits=4)} | {exact[k]:.1e} |"
-            )
-    ref = summary["accuracy"][f"sgd/B{b}"]
-    lines += [
-        "",
-        f"**3. LARS at a large batch** (same epochs for every batch; Δ: test accuracy minus "
-        f"SGD + momentum at B = {b}, in points)",
-        "",
-        "| optimizer | batch | κ | peak lr | steps | test acc. (%) | Δ vs SGD @ B |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for kind in KINDS:
-        for batch in s.batches:
-            acc = summary["accuracy"][f"{kind}/B{batch}"]
-            lr = scaling.learning_rate(lrs[kind]["lr"], b, batch, "linear")
-            delta = {"mean": acc["mean"] - ref["mean"], "std": acc["std"]}
-            lines.append(
-                f"| {kind} | {batch} | {batch // b} | {lr:g} | {total // batch} "
-                f"| {_pm(acc, 100, 1)} | {delta['mean'] * 100:+.1f} |"
-            )
-    return "\n".join(lines)
+# ----------------------------------------------------------------------------- entry point
 
 
 def run_demo(s: Settings, *, log: Callable = print) -> dict:
