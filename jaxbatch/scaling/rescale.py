@@ -8,6 +8,7 @@ from jaxbatch import _validate
 from jaxbatch.scaling.adam import sde_hparam
 from jaxbatch.scaling.ema import ema_decay
 from jaxbatch.scaling.learning_rates import learning_rate
+from jaxbatch.scaling.schedules import regime_adaptation
 from jaxbatch.scaling.weight_decay import adamw_timescale, weight_decay_for_timescale
 
 _LR_NAMES = ("learning_rate", "lr", "peak_lr", "base_lr")
@@ -196,7 +197,7 @@ def rescale_hparams(
             elif rule == "steps":
                 new = _count(old, _validate.non_negative(key, old) / kappa)
             elif rule == "regime":
-                new = _count(old, _validate.non_negative(key, old) * kappa)
+                new = _count(old, regime_adaptation(old, reference_batch, batch))
             else:  # timescale
                 new = _timescale(
                     key, old, old_tree, new_tree, learning_rate_key, reference_batch, batch
