@@ -1,4 +1,4 @@
-"""One training run, as one straight line (DESIGN.md "train: the path of one run").
+"""One training run, as one straight line (docs/architecture.md, "The path of one run").
 
 config → validated, batch-rescaled config → mesh → grain pipeline (this process's shard) →
 ``jax.eval_shape`` of init → shardings from logical axes → ``jax.jit(init, out_shardings)`` or orbax
@@ -19,7 +19,6 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxbatch import data as jdata
@@ -27,11 +26,12 @@ from jaxbatch import parallel
 from jaxbatch.nn import axes as nn_axes
 from jaxbatch.train import checkpoint as ckpt
 from jaxbatch.train import config as config_lib
-from jaxbatch.train import grad_cache, precise_bn
+from jaxbatch.train import evaluation, grad_cache, precise_bn
 from jaxbatch.train import metrics as metrics_lib
 from jaxbatch.train import optimizer as optimizer_lib
 from jaxbatch.train import step as step_lib
 from jaxbatch.train import tasks as tasks_lib
+from jaxbatch.train.evaluation import evaluate, with_precise_bn  # noqa: F401  (public here too)
 
 
 @dataclasses.dataclass
@@ -242,36 +242,6 @@ def _with_weights_from(run: Run, state, source: str):
     )
 
 
-def evaluate(
-    run: Run, state, test_data: jdata.DataSplit | dict, *, use_ema: bool = False
-) -> dict[str, float]:
-    """The task's metrics on the whole test split (every example exactly once)."""
-    cfg = run.cfg
-    local = cfg.eval_batch_size // jax.process_count()
-    batches = (
-        jdata.as_split(test_data)
-        .select(run.task.fields)
-        .eval_batches(
-            transform_threads=cfg.dataset.transform_threads,
-            batch_size=local,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
-        )
-    )
-    variables = step_lib.eval_variables(state, use_ema=use_ema)
-    outputs: dict[str, list] = {}
-    for batch in batches:
-        mask = batch.pop("mask")
-        out = run.eval_step(variables, parallel.make_global_batch(batch, run.mesh))
-        out = multihost_utils.process_allgather(out, tiled=True)
-        mask = (
-            multihost_utils.process_allgather(mask, tiled=True) if jax.process_count() > 1 else mask
-        )
-        for key, value in out.items():
-            outputs.setdefault(key, []).append(np.asarray(value)[np.asarray(mask)])
-    return run.task.summarize({k: np.concatenate(v) for k, v in outputs.items()})
-
-
 def _fetch(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
@@ -306,6 +276,10 @@ def train(
             f"scaling: {change.key} {change.old:g} -> {change.new:g} ({change.rule}, "
             f"batch {cfg.reference_batch_size} -> {cfg.batch_size})"
         )
+    for key, value in run.task.choices.items():
+        if not key.endswith(".reason"):
+            reason = run.task.choices.get(f"{key}.reason")
+            _log(f"{key}: {value}" + (f" ({reason})" if reason else ""))
     if grad_cache.applies(run.task, cfg.micro_batches):
         _log(
             f"micro_batches={cfg.micro_batches} with a contrastive loss: gradients through cached "
@@ -322,7 +296,9 @@ def train(
     run_dir = epath.Path(workdir)  # a local path or a URL such as gs://bucket/run
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        # The resolved config, with what the run decided itself ('auto' implementations).
+        resolved = {**cfg.to_dict(), "resolved": dict(run.task.choices)}
+        (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
     checkpointer = ckpt.Checkpointer(str(run_dir / "checkpoints"), max_to_keep=cfg.max_checkpoints)
     state, data_state = init_or_restore(run, checkpointer)
@@ -373,9 +349,11 @@ def train(
         bar.update(1)
         eval_now = bool(cfg.eval_every_steps) and done % cfg.eval_every_steps == 0
         if cfg.precise_bn_batches and (eval_now or done == total):
-            state = with_precise_bn(run, state, train_data)  # before the save: checkpoints
+            state = evaluation.with_precise_bn(
+                run, state, train_data
+            )  # before the save: checkpoints
         if eval_now and done != total:  # hold the statistics that were evaluated
-            _eval_and_log(run, state, test_data, writer, done)
+            evaluation.eval_and_log(run, state, test_data, writer, done)
         if (cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0) or done == end:
             checkpointer.save(done, state, iterator.get_state(), run.fingerprint)
     bar.close()
@@ -385,7 +363,7 @@ def train(
     if metrics is not None:
         summary["train_loss"] = _fetch(metrics)["loss"]
     if end == total:
-        summary.update(_eval_and_log(run, state, test_data, writer, end))
+        summary.update(evaluation.eval_and_log(run, state, test_data, writer, end))
         if run.task.baseline is not None:
             summary["baseline"] = run.task.baseline()
         if is_main:
@@ -398,49 +376,3 @@ def train(
     writer.close()
     summary["state"] = state
     return summary
-
-
-def with_precise_bn(run: Run, state, train_data: jdata.DataSplit):
-    """``state`` with the batch statistics of its parameters (and of its EMA's) recomputed over
-    ``config.precise_bn_batches`` training batches (``precise_bn``); unchanged without BN.
-
-    The batches are the first ones of a fixed shuffle of the training split (seed + 1), so the
-    statistics depend only on the parameters: a resumed run recomputes the same ones. They have
-    the micro-batch size (batch_size / micro_batches), whose activations the step already fits.
-    """
-    cfg = run.cfg
-    if not precise_bn.has_batch_stats(state.model_state):
-        return state
-    iterator = train_data.select(run.task.fields).train_iterator(
-        batch_size=cfg.batch_size // cfg.micro_batches // jax.process_count(),
-        seed=cfg.seed + 1,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        transform_threads=cfg.dataset.transform_threads,
-    )
-    batches = [
-        parallel.make_global_batch(next(iterator), run.mesh) for _ in range(cfg.precise_bn_batches)
-    ]
-    model_state = precise_bn.recompute_batch_stats(
-        run.bn_stats_fn, state.params, state.model_state, batches
-    )
-    state = state.replace(model_state=model_state)
-    if run.ema is not None:
-        ema = dict(state.ema_state.ema)
-        ema_params = ema.pop("params")
-        ema_state = precise_bn.recompute_batch_stats(run.bn_stats_fn, ema_params, ema, batches)
-        state = state.replace(
-            ema_state=state.ema_state._replace(ema={"params": ema_params, **ema_state})
-        )
-    return state
-
-
-def _eval_and_log(run: Run, state, test_data, writer, step: int) -> dict[str, Any]:
-    out = {"eval": evaluate(run, state, test_data)}
-    writer.write(step, {**out["eval"], "samples": step * run.cfg.batch_size}, prefix="eval")
-    if run.ema is not None:
-        out["eval_ema"] = evaluate(run, state, test_data, use_ema=True)
-        writer.write(
-            step, {**out["eval_ema"], "samples": step * run.cfg.batch_size}, prefix="eval_ema"
-        )
-    return out

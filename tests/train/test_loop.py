@@ -27,9 +27,10 @@ def _cfg(path, *overrides):
         ("configs/stdlib_lm.py:runlocal", "bits_per_byte"),
     ],
 )
-def test_runlocal_trains_and_writes_its_run_directory(tmp_path, path, metric):
+def test_runlocal_trains_and_writes_its_run_directory(tmp_path, capsys, path, metric):
     cfg = _cfg(path)
     summary = loop.train(cfg, str(tmp_path), progress=False)
+    printed = capsys.readouterr().out
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if r["kind"] == "train"]
     assert train[-1]["loss"] < train[0]["loss"], "the loss did not go down"
@@ -41,6 +42,10 @@ def test_runlocal_trains_and_writes_its_run_directory(tmp_path, path, metric):
     assert ckpt.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == summary["step"]
     if metric == "recall@1":
         assert set(summary["baseline"]) == {"recall@1", "recall@10"}
+        # 'auto' says what it chose, at the start of the run and in config.json (CPU: XLA tiles)
+        resolved = json.load(open(tmp_path / "config.json"))["resolved"]
+        assert cfg.loss.implementation == "auto" and resolved["loss.implementation"] == "xla"
+        assert "loss.implementation: xla (" in printed
 
 
 def _params(summary):
