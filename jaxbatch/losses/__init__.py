@@ -6,7 +6,6 @@ devices inside ``jax.shard_map``. ``linear_cross_entropy`` is the cross-entropy 
 a vocabulary, computed in token chunks so that the [T, V] logits never exist.
 """
 
-from jaxbatch.losses import contrastive_specs
 from jaxbatch.losses.contrastive import (
     DEFAULT_BLOCK_SIZE,
     IMPLEMENTATIONS,
@@ -20,6 +19,5 @@ __all__ = [
     "IMPLEMENTATIONS",
     "KINDS",
     "contrastive_loss",
-    "contrastive_specs",
     "linear_cross_entropy",
 ]

@@ -33,6 +33,10 @@ Residuals: x, y, scale, bias and O(n) statistics (row LSE of local rows, column 
 columns) for softmax/decoupled; the float32 gradients of x and y for sigmoid. Per device the memory
 is O(n_local·D + B²), never O(n_local·N): about 7 float32 [n_local, D] buffers at the peak of the
 ring backward (y and the next y, dy received and sent, dx, residuals).
+
+References:
+  Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
+    Loss" (Inf-CL), section 3: the ring over devices, tile statistics merged across its steps.
 """
 
 from __future__ import annotations

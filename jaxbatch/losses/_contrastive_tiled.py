@@ -22,6 +22,10 @@ Sweeps (the device ring of ``_contrastive_ring`` calls them once per ring step):
 Per tile the sweeps run 1 (statistics, loss) or 3 (gradients) [B, D]×[D, B]-sized matmuls and
 hold O(B²) floats; the accumulators are O(n·D). Each sweep runs inside a ``jax.named_scope`` that
 names it and its block size, so it can be found in profiles.
+
+References:
+  Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
+    Loss" (Inf-CL), section 3: tile-wise log-sum-exp and tiles recomputed in the backward pass.
 """
 
 from __future__ import annotations

@@ -23,10 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbatch.losses import _contrastive_tiled
-from jaxbatch.losses._contrastive_reference import reference_loss
+from jaxbatch.losses._contrastive_reference import KINDS, reference_loss
 from jaxbatch.losses._contrastive_ring import PallasTiles, XlaTiles, tiled_loss
 
-KINDS = ("softmax", "sigmoid", "decoupled")
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
 
 # Tile size B of the 'xla' implementation when block_size is None. CPU: measured on a 2-core AMD

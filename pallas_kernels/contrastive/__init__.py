@@ -8,8 +8,9 @@ Public API:
     returning partial statistics (tiles.py).
 """
 
+from jaxbatch.losses._contrastive_reference import KINDS
 from pallas_kernels.contrastive import tiles
-from pallas_kernels.contrastive._common import KINDS, BlockSizes
+from pallas_kernels.contrastive._common import BlockSizes
 from pallas_kernels.contrastive.api import contrastive_loss
 from pallas_kernels.contrastive.reference import contrastive_loss_reference
 

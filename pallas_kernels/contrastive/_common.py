@@ -24,8 +24,6 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-KINDS = ("softmax", "sigmoid", "decoupled")
-
 # Finite stand-in for -inf in masked logits: keeps the online max update free of inf - inf.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbatch.losses._contrastive_reference import KINDS
 from pallas_kernels.contrastive import _common, gpu, tpu
-from pallas_kernels.contrastive._common import KINDS, BlockSizes, Plan
+from pallas_kernels.contrastive._common import BlockSizes, Plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 # jax.default_backend() names -> kernel family; 'cpu' runs the TPU kernels in interpret mode.
@@ -54,7 +55,7 @@ def contrastive_loss(
     cores with f32 accumulation.
 
     References:
-      Wang et al., 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for
+      Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for
         Contrastive Loss" (Inf-CL), Sec. 3 (tile-wise LSE and recomputing backward).
       Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
         Supervision" (CLIP), Figure 3.

@@ -12,7 +12,7 @@ accumulators (running max/sum, or the [block_rows, d_pad] f32 gradient block) li
 All block dims are powers of two (d is zero-padded by the caller).
 
 References:
-  Wang et al., 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
+  Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
     Loss" (Inf-CL), Sec. 3 (tile-wise forward with online LSE, recomputing backward).
   Dao et al., 2022, "FlashAttention", Algorithm 1 (online softmax statistics).
 """

@@ -1,12 +1,16 @@
-"""Plain-XLA contrastive losses on the full N×N logit matrix: the oracle for the kernels."""
+"""The plain-XLA N×N contrastive loss, the kernels' oracle: the library's own reference.
+
+There is one N×N oracle in the project, ``jaxbatch.losses._contrastive_reference.reference_loss``
+(also behind ``contrastive_loss(..., implementation='reference')``); the kernels and their tests
+use it through this float32 entry point, so every implementation is checked against the same code.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from pallas_kernels.contrastive._common import KINDS
+from jaxbatch.losses._contrastive_reference import reference_loss
 
 
 def contrastive_loss_reference(
@@ -27,10 +31,10 @@ def contrastive_loss_reference(
                  lse_{j≠i} L_ij instead of lse_j L_ij (and likewise for columns); −inf at N = 1.
 
     References:
-      Radford et al., 2021, "Learning Transferable Visual Models From Natural Language
+      Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
         Supervision" (CLIP), Figure 3 (symmetric cross-entropy).
-      Zhai et al., 2023, "Sigmoid Loss for Language Image Pre-Training" (SigLIP), Eq. 1.
-      Yeh et al., 2022, "Decoupled Contrastive Learning", Sec. 3 (the DCL loss L_DC).
+      Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training" (SigLIP), Eq. 1.
+      Yeh et al. 2022, "Decoupled Contrastive Learning", Sec. 3 (the DCL loss L_DC).
 
     Args:
       x: [N, D] embeddings of the first modality (not normalised here).
@@ -40,25 +44,8 @@ def contrastive_loss_reference(
       kind: 'softmax', 'sigmoid' or 'decoupled'.
 
     Returns:
-      The scalar loss in f32.
+      The scalar loss in f32 (inputs of any float dtype are cast to f32 first).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
-    n = x.shape[0]
-    logits = jnp.asarray(logit_scale, jnp.float32) * jnp.matmul(
-        x, y.T, precision=lax.Precision.HIGHEST
-    )  # [N, N]
-    if logit_bias is not None:
-        logits = logits + jnp.asarray(logit_bias, jnp.float32)
-    eye = jnp.eye(n, dtype=bool)
-    diag = jnp.diagonal(logits)  # [N]
-    if kind == "sigmoid":
-        z = jnp.where(eye, 1.0, -1.0)
-        return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / n
-    if kind == "decoupled":
-        logits = jnp.where(eye, -jnp.inf, logits)
-    row_lse = jax.nn.logsumexp(logits, axis=1)  # [N]
-    col_lse = jax.nn.logsumexp(logits, axis=0)  # [N]
-    return 0.5 * (jnp.mean(row_lse - diag) + jnp.mean(col_lse - diag))
+    return reference_loss(x, y, logit_scale, logit_bias, kind=kind)

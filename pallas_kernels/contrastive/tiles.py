@@ -26,7 +26,7 @@ row side. The −2·δ of the softmax gradient is subtracted inside the tile in 
 outputs are f32 with the padding rows still in them (−inf or garbage), for the caller to drop.
 
 References:
-  Wang et al., 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
+  Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
     Loss" (Inf-CL), Sec. 3.3 (the ring over devices: tile partials merged across steps).
 """
 
@@ -35,8 +35,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxbatch.losses._contrastive_reference import KINDS
 from pallas_kernels.contrastive import _common, gpu, tpu
-from pallas_kernels.contrastive._common import KINDS, BlockSizes, Plan
+from pallas_kernels.contrastive._common import BlockSizes, Plan
 from pallas_kernels.contrastive.api import resolve_plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}

@@ -14,7 +14,7 @@ the row block of ``a``, axis 1 ("arbitrary", innermost, sequential) sweeps the c
 ``b`` while the row block's accumulators stay resident in VMEM. Scalars (s, bias, g) live in SMEM.
 
 References:
-  Wang et al., 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
+  Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive
     Loss" (Inf-CL), Sec. 3 (tile-wise forward with online LSE, recomputing backward).
   Dao et al., 2022, "FlashAttention", Algorithm 1 (online softmax statistics).
 """

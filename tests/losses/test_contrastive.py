@@ -3,7 +3,7 @@
 Oracles: an independent float64 NumPy transcription of each paper's formula (CLIP's symmetric
 cross-entropy, SigLIP's pairwise sigmoid, DCL's decoupled denominator) for the reference and for the
 gradients (central differences), and the float32 Precision.HIGHEST reference for every other
-implementation, on the shared argument specs of ``contrastive_specs``.
+implementation, on the shared argument specs of ``jaxbatch.losses._contrastive_specs``.
 """
 
 import jax
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxbatch.losses import contrastive_loss
-from jaxbatch.losses.contrastive_specs import KINDS, TEST_DIM, TEST_SHAPES, default_spec
+from jaxbatch.losses._contrastive_specs import KINDS, TEST_DIM, TEST_SHAPES, default_spec
 
 IMPLEMENTATIONS = ("reference", "xla")
 NAMES = ("dx", "dy", "dlogit_scale", "dlogit_bias")

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbatch.losses import contrastive_loss
-from jaxbatch.losses.contrastive_specs import (
+from jaxbatch.losses._contrastive_specs import (
     KINDS,
     default_spec,
     reference_value_and_grads,

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbatch.losses import contrastive_loss
 from jaxbatch.losses._contrastive_ring import PallasTiles, tiled_loss
-from jaxbatch.losses.contrastive_specs import (
+from jaxbatch.losses._contrastive_specs import (
     KINDS,
     default_spec,
     reference_value_and_grads,

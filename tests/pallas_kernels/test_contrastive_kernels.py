@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch.losses.contrastive_specs import noisy_unit_pair
+from jaxbatch.losses._contrastive_specs import noisy_unit_pair
 from pallas_kernels.contrastive import (
     KINDS,
     BlockSizes,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch.losses.contrastive_specs import noisy_unit_pair
+from jaxbatch.losses._contrastive_specs import noisy_unit_pair
 from pallas_kernels.contrastive import tiles
 
 D = 24  # not a multiple of 128 (TPU: full-dim block) nor a power of two (GPU: zero-padded)
