@@ -57,12 +57,12 @@ def _classification(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None)
         return model.init(rng, batch["image"], train=False)
 
     def loss_fn(params, model_state, batch, rng):
-        del rng
         logits, new_state = model.apply(
             {"params": params, **model_state},
             batch["image"],
             train=True,
             mutable=list(model_state),
+            rngs={"dropout": rng},  # ViT dropout; the micro-batch's own key (optim.accumulate)
         )
         labels = jax.nn.one_hot(batch["label"], logits.shape[-1])
         if smoothing:

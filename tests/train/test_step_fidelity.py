@@ -165,3 +165,24 @@ def test_micro_batches_draw_their_own_dropout_and_average_their_gradients():
     # One key for every micro-batch (the old step) is measurably another gradient.
     gap = optax.global_norm(jax.tree.map(jnp.subtract, got, shared_key))
     assert float(gap) > 1e-2 * float(optax.global_norm(want))
+
+
+def test_classification_step_draws_dropout_from_its_key():
+    """A classifier with dropout (ViT) trains through the step, its masks from the step's key."""
+    cfg = config_lib.load_config("configs/digits_resnet_lars.py:runlocal", ONE_DEVICE)
+    cfg.model = config_lib.ml_collections.ConfigDict(
+        dict(name="vit", patch_size=4, hidden=16, depth=1, heads=2, mlp_dim=32, num_classes=10)
+    )
+    cfg.model.dropout = 0.3
+    images = np.random.default_rng(0).random((cfg.batch_size, 8, 8, 1), np.float32)
+    labels = np.arange(cfg.batch_size, dtype=np.int32) % 10
+    run = loop.build(cfg, train_data={"image": images, "label": labels}, devices=jax.devices()[:1])
+    state, _ = loop.init_or_restore(run, None)
+    batch = {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+    losses = [
+        float(run.task.loss_fn(state.params, state.model_state, batch, jax.random.PRNGKey(i))[0])
+        for i in (0, 0, 1)
+    ]
+    assert losses[0] == losses[1] != losses[2]
+    new_state, metrics = run.train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
