@@ -27,7 +27,7 @@ def sde_beta(beta: float, kappa: float, *, name: str = "beta") -> float:
     return new
 
 
-#: Which of ``AdamHParams``' fields each rule of :func:`sde_hparam` applies to.
+#: The fields of ``AdamHParams`` in order; :func:`sde_hparam` has a rule for each.
 SDE_FIELDS = ("lr", "b1", "b2", "eps")
 
 
@@ -46,7 +46,7 @@ def sde_hparam(field: str, value: float, kappa: float, *, name: str | None = Non
     if field in ("b1", "b2"):
         return sde_beta(value, kappa, name=name)
     if field == "eps":
-        return _validate.non_negative(name, value) / sqrt_rule(1.0, kappa)
+        return _validate.non_negative(name, value) / sqrt_rule(1.0, kappa)  # eps / sqrt(kappa)
     raise ValueError(f"field must be one of {SDE_FIELDS}, got {field!r}")
 
 
