@@ -6,18 +6,23 @@ For hidden states h [T, D], the output kernel w [D, V] (flax ``Dense`` layout) a
 
 The naive form holds T×V logits (and as many softmax probabilities for the backward): for a
 32K-token batch and a 256K vocabulary that is 32 GiB in float32. Here the tokens are processed
-``chunk_size`` at a time (``lax.scan``), in a ``custom_vjp``:
+``chunk_size`` at a time (``lax.scan`` over [T / chunk, chunk, D]), in a ``custom_vjp``:
 
-- forward: per chunk, logits_c = h_c·w (float32 accumulation), lse_c, the target logit; keeps
-  only lse [T] (float32) besides the inputs;
-- backward: per chunk, recompute logits_c, G_c = (softmax(logits_c) − onehot(y_c))·g/|M| (zero
-  on ignored rows), dh_c = G_c·wᵀ, dw += h_cᵀ·G_c (float32 accumulator).
+- loss alone (no gradient taken): per chunk, logits_c = h_c·w (float32 accumulation), their
+  log-sum-exp and the target logit;
+- loss with gradients: the same sweep also forms G_c = softmax(logits_c)·m/|M| (zero on ignored
+  rows; the −onehot(y) part of ∂loss/∂logits is applied once for all tokens, as a gather of w's
+  columns and a scatter-add into dw), dh_c = G_c·wᵀ and dw += h_cᵀ·G_c (float32 accumulator).
+  The gradients are the residuals; the backward pass only multiplies them by the cotangent.
 
-Peak memory beyond inputs and gradients: O(chunk_size·V + D·V), never O(T·V). The extra cost is
-one more h·w matmul in the backward (3 instead of 2). The idea is that of cut cross-entropy
-(Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"): never store the
-logits, recompute them blockwise in the backward; here blocks are token chunks in XLA. The value
-and both gradients equal the naive form's.
+Peak memory beyond inputs and gradients: O(chunk_size·V + D·V), never O(T·V). The matmuls are
+the naive form's three (h·w, G·wᵀ, hᵀ·G): computing the gradients during the forward pass, as
+the fused linear cross-entropy of Liger Kernel does (Hsu et al. 2024, "Liger Kernel: Efficient
+Triton Kernels for LLM Training"), avoids recomputing the logits in the backward. The cost is
+holding dh [T, D] and dw [D, V] from the forward to the backward pass (the size of h and w). The
+idea of never storing the logits is that of cut cross-entropy (Wijmans et al. 2024, "Cut Your
+Losses in Large-Vocabulary Language Models"); here blocks are token chunks in XLA. The value and
+both gradients equal the naive form's.
 """
 
 from __future__ import annotations
@@ -159,49 +164,63 @@ def _chunks(a: jax.Array, chunk: int, fill=0) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked(h, w, labels, valid, chunk):
-    return _forward(h, w, labels, valid, chunk)[0]
-
-
-def _forward(h, w, labels, valid, chunk):
+    """The loss alone (no gradient wanted): one h·w matmul per chunk."""
     acc = _acc(h, w)
 
     def body(total, xs):
         h_c, y_c, m_c = xs
-        logits = jnp.dot(h_c, w, preferred_element_type=acc)
+        logits = jnp.dot(h_c, w, preferred_element_type=acc)  # [chunk, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(jnp.where(m_c, lse - target, 0.0)), lse
+        return total + jnp.sum(jnp.where(m_c, lse - target, 0.0)), None
 
     xs = (_chunks(h, chunk), _chunks(labels, chunk), _chunks(valid, chunk, False))
-    total, lse = lax.scan(body, _zeros((), acc, h, w), xs)
-    count = jnp.maximum(jnp.sum(valid), 1).astype(acc)
-    return total / count, (lse, count)
+    total, _ = lax.scan(body, _zeros((), acc, h, w), xs)
+    return total / jnp.maximum(jnp.sum(valid), 1).astype(acc)
 
 
 def _fwd(h, w, labels, valid, chunk):
-    loss, (lse, count) = _forward(h, w, labels, valid, chunk)
-    return loss, (h, w, labels, valid, lse, count)
+    """Loss and both gradients (for a cotangent of 1) in one sweep over the chunks.
+
+    Per chunk: logits_c = h_c·w, e = exp(logits_c − max), s = Σ_v e, lse = max + log s and
+    P_c = e · (m_t / |M|) / s, the softmax weighted by each token's share of the mean (0 on
+    ignored tokens), with no second exp. Then dh_c = P_c·wᵀ and dw += h_cᵀ·P_c; the one-hot
+    part of G = P − onehot(y) is subtracted once for all tokens outside the loop:
+    dh −= (m/|M|)·w[:, y]ᵀ and dw[:, y_t] −= (m_t/|M|)·h_t, a gather and a scatter-add of T rows
+    instead of a [chunk, V] pass each. Residuals are these gradients, so the backward pass
+    only scales them by the cotangent: 3 matmuls in all, as many as the naive form.
+    """
+    acc = _acc(h, w)
+    count = jnp.maximum(jnp.sum(valid), 1).astype(acc)
+    share = valid.astype(acc) / count  # [T]: each token's weight in the mean
+
+    def body(dw, xs):
+        h_c, y_c, s_c = xs
+        logits = jnp.dot(h_c, w, preferred_element_type=acc)  # [chunk, V]
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        lse = (top + jnp.log(total))[:, 0]
+        target = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+        probs = e * (s_c[:, None] / total)  # [chunk, V]: G + the one-hot part
+        dh_c = jnp.dot(probs.astype(w.dtype), w.T, preferred_element_type=acc)
+        dh_c = dh_c - s_c[:, None] * jnp.take(w.T, y_c, axis=0).astype(acc)
+        dw = dw + jnp.dot(h_c.T, probs.astype(h.dtype), preferred_element_type=acc)
+        return dw, (jnp.sum(s_c * (lse - target)), dh_c.astype(h.dtype))
+
+    # The one-hot part of dw, −Σ_t (m_t/|M|)·h_t e_{y_t}ᵀ, starts the accumulator.
+    onehot_dw = jax.ops.segment_sum(h.astype(acc) * share[:, None], labels, w.shape[1]).T
+    dw0 = _zeros(w.shape, acc, h, w) - onehot_dw
+    xs = (_chunks(h, chunk), _chunks(labels, chunk), _chunks(share, chunk))
+    dw, (losses, dh) = lax.scan(body, dw0, xs)
+    dh = dh.reshape(-1, h.shape[1])[: h.shape[0]]
+    return jnp.sum(losses), (dh, dw.astype(w.dtype))
 
 
 def _bwd(chunk, residuals, g):
-    h, w, labels, valid, lse, count = residuals
-    acc = _acc(h, w)
-    scale = (g / count).astype(acc)
-
-    def body(dw, xs):
-        h_c, y_c, m_c, lse_c = xs
-        logits = jnp.dot(h_c, w, preferred_element_type=acc)
-        probs = jnp.exp(logits - lse_c[:, None])
-        grad = probs - jax.nn.one_hot(y_c, w.shape[1], dtype=acc)
-        grad = jnp.where(m_c[:, None], grad * scale, 0.0)
-        dh_c = jnp.dot(grad.astype(w.dtype), w.T, preferred_element_type=acc)
-        dw = dw + jnp.dot(h_c.T, grad.astype(h.dtype), preferred_element_type=acc)
-        return dw, dh_c.astype(h.dtype)
-
-    xs = (_chunks(h, chunk), _chunks(labels, chunk), _chunks(valid, chunk, False), lse)
-    dw, dh = lax.scan(body, _zeros(w.shape, acc, h, w), xs)
-    dh = dh.reshape(-1, h.shape[1])[: h.shape[0]]
-    return dh, dw.astype(w.dtype), None, None
+    del chunk
+    dh, dw = residuals
+    return (g * dh).astype(dh.dtype), (g * dw).astype(dw.dtype), None, None
 
 
 _chunked.defvjp(_fwd, _bwd)
