@@ -18,13 +18,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxbatch.data import cache, stdlib_files, tokens
+from jaxbatch.data import cache, stdlib_files, subtokens, tokens
 
 EXTRACTOR_VERSION = 1
 MIN_DOC_CHARS = 20  # a query shorter than this says almost nothing ("Return x.")
 MIN_DOC_WORDS = 3
 MIN_CODE_CHARS = 64  # a target shorter than this is a one-line accessor
 SPLITS = ("train", "test", "all")
+TOKENIZERS = ("bytes", "subtokens", "subtokens+prefixes", "subtokens+bigrams")
 
 _DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _NESTED_BODIES = ("body", "orelse", "finalbody", "handlers")
@@ -223,17 +224,21 @@ def codesearch_arrays(
     doc_len: int = 128,
     code_len: int = 256,
     add_cls: bool = True,
+    tokenizer: str = "bytes",
     test_fraction: float = 0.1,
     max_test: int | None = None,
     use_cache: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Byte-tokenized codesearch pairs (see ``tokens``): row i of 'doc' matches row i of 'code'.
+    """Tokenized codesearch pairs: row i of 'doc' matches row i of 'code'.
 
     Args:
       split: 'train', 'test' or 'all'.
-      doc_len: tokens per query (truncated / padded with PAD).
+      doc_len: tokens per query (truncated / padded with PAD = 0).
       code_len: tokens per target.
-      add_cls: start every row with the CLS token.
+      add_cls: start every row with the CLS token (byte tokens only).
+      tokenizer: 'bytes' (``tokens``: one id per UTF-8 byte), 'subtokens' (hashed identifier
+        sub-tokens, see ``subtokens``), 'subtokens+prefixes' (and their 4-letter prefixes) or
+        'subtokens+bigrams' (and adjacent sub-token pairs).
       test_fraction: fraction of pairs assigned to 'test'.
       max_test: cap on the number of test pairs.
       use_cache: use the on-disk extraction cache.
@@ -241,9 +246,22 @@ def codesearch_arrays(
     Returns:
       {'doc': int32 [n, doc_len], 'code': int32 [n, code_len]}.
     """
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(
+            f"unknown codesearch tokenizer {tokenizer!r}; expected one of {TOKENIZERS}"
+        )
     pairs = load_codesearch_pairs(
         split, test_fraction=test_fraction, max_test=max_test, use_cache=use_cache
     )
+    if tokenizer != "bytes":
+        extra = {
+            "prefixes": tokenizer == "subtokens+prefixes",
+            "bigrams": tokenizer == "subtokens+bigrams",
+        }
+        return {
+            "doc": subtokens.encode_subtokens([p.doc for p in pairs], doc_len, **extra),
+            "code": subtokens.encode_subtokens([p.code for p in pairs], code_len, **extra),
+        }
     return {
         "doc": tokens.encode_batch([p.doc for p in pairs], doc_len, add_cls=add_cls),
         "code": tokens.encode_batch([p.code for p in pairs], code_len, add_cls=add_cls),
