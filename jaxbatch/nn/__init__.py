@@ -1,8 +1,8 @@
 """Flax linen models for large-batch training (functional ``init`` / ``apply``).
 
 Models: :class:`GhostBatchNorm`, :class:`ResNet` (``resnet18``, ``resnet50``, ``resnet_cifar``),
-:class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`DualEncoder`,
-:class:`DecoderLM`, :class:`BertMLM`;
+:class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`SubtokenBagEncoder`,
+:class:`DualEncoder`, :class:`DecoderLM`, :class:`BertMLM`;
 remat policies by name
 in :mod:`jaxbatch.nn.remat`. Every model takes ``dtype`` (compute) and ``param_dtype``.
 
@@ -50,6 +50,7 @@ from jaxbatch.nn.layers import MlpBlock, MultiHeadAttention, TransformerBlock
 from jaxbatch.nn.ngram_encoder import NgramBagEncoder, ngram_ids
 from jaxbatch.nn.remat import POLICY_NAMES, get_policy
 from jaxbatch.nn.resnet import BasicBlock, BottleneckBlock, ResNet, resnet18, resnet50, resnet_cifar
+from jaxbatch.nn.subtoken_encoder import SubtokenBagEncoder, bucket_weights
 from jaxbatch.nn.text_encoder import BYTE_VOCAB_SIZE, CLS_ID, PAD_ID, TextEncoder
 from jaxbatch.nn.vit import ViT
 
@@ -74,8 +75,10 @@ __all__ = [
     "MultiHeadAttention",
     "ResNet",
     "NgramBagEncoder",
+    "SubtokenBagEncoder",
     "TextEncoder",
     "ngram_ids",
+    "bucket_weights",
     "TransformerBlock",
     "ViT",
     "get_policy",

@@ -25,6 +25,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit": jnn.ViT,
     "text_encoder": jnn.TextEncoder,
     "ngram_bag": jnn.NgramBagEncoder,
+    "subtoken_bag": jnn.SubtokenBagEncoder,
     "dual_encoder": jnn.DualEncoder,
     "decoder_lm": jnn.DecoderLM,
     "bert_mlm": BertMLM,
