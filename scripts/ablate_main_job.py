@@ -57,19 +57,19 @@ def main() -> None:
     args = parser.parse_args()
     names = args.only or list(VARIANTS)
     cols = ["model recall@1", "model recall@10", "ema recall@1", "ema recall@10", "train_loss"]
-    table = {}
-    for name in names:
-        runs = [run_variant(*VARIANTS[name], seed) for seed in args.seeds]
-        table[name] = {k: statistics.median(r[k] for r in runs) for k in [*cols, "seconds"]}
     print(f"seeds {args.seeds} (median over seeds)")
     print("| variant | " + " | ".join(cols) + " | wall (s) |")
-    print("|---|" + "---|" * (len(cols) + 1))
-    for name, row in table.items():
+    print("|---|" + "---|" * (len(cols) + 1), flush=True)
+    table = {}
+    for name in names:  # one row as soon as its runs are done
+        runs = [run_variant(*VARIANTS[name], seed) for seed in args.seeds]
+        row = {k: statistics.median(r[k] for r in runs) for k in [*cols, "seconds"]}
+        table[name] = row
         cells = [f"{row[k]:.4f}" if k != "train_loss" else f"{row[k]:.3f}" for k in cols]
-        print(f"| {name} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"seeds": args.seeds, "table": table}, f, indent=1)
+        print(f"| {name} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"seeds": args.seeds, "table": table}, f, indent=1)
 
 
 if __name__ == "__main__":
