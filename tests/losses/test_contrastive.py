@@ -152,6 +152,27 @@ def test_matches_reference(kind, n, block, implementation, dtype):
         _assert_close(got, want, rtol, name, floor=1.0 if got.ndim == 0 else 1e-2)
 
 
+@pytest.mark.parametrize("n", [24, 21])
+def test_sigmoid_tiles_match_reference_with_saturated_logits(n):
+    # Logits of about ±20…±100 (σ down to ~1e-44, subnormal), ragged n: the tiles' σ
+    # (lax.logistic) and softplus stay finite and match the reference's autodiff, relative to
+    # the largest gradient however small the logits make it.
+    x, y, _, _ = _args("sigmoid", n)
+    x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+    scale, bias = jnp.float32(60.0), jnp.float32(-40.0)
+    want_loss, want_grads = _value_and_grads(
+        x, y, scale, bias, kind="sigmoid", implementation="reference"
+    )
+    loss, grads = _value_and_grads(
+        x, y, scale, bias, kind="sigmoid", implementation="xla", block_size=8
+    )
+    _assert_close(loss, want_loss, 2e-5, "loss", floor=1e-30)
+    for got, want, name in zip(grads, want_grads, NAMES, strict=True):
+        # Tolerance relative to the largest |gradient| itself, however small the logits make it.
+        _assert_close(got, want, 2e-5, name, floor=1e-30)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_pallas_dispatch_matches_reference(kind):
     # pallas_kernels.contrastive runs its TPU kernels in interpret mode on CPU; their tiles must be
