@@ -20,7 +20,18 @@ Sweeps (the device ring of ``_contrastive_ring`` calls them once per ring step):
   (SigLIP forward, and its gradient, which needs no global statistic).
 
 Per tile the sweeps run 1 (statistics, loss) or 3 (gradients) [B, D]×[D, B]-sized matmuls and
-hold O(B²) floats; the accumulators are O(n·D). Each sweep runs inside a ``jax.named_scope`` that
+hold O(B²) floats; the accumulators are O(n·D).
+
+Why softmax takes 1 + 3 matmuls per tile pair and sigmoid 3: the sigmoid gradient g_ij = σ(S_ij) -
+δ_ij needs no global statistic, so one sweep gives the loss and both gradient sums. The softmax
+gradient 2N·∂loss/∂S = P + Q - 2δ has four products, P·Y and Q·Y for dx, Pᵀ·X and Qᵀ·X for dy.
+P·Y (row softmax, summed over j for fixed i) and Qᵀ·X (column softmax, summed over i for fixed j)
+could be accumulated online in the LSE sweep, flash-attention style, but Q·Y needs every column's
+final normaliser for every row, and Pᵀ·X every row's for every column; with the logits never
+stored, those two need a second visit of every tile after the first one has finished (its logits
+matmul) and two products there, and the products P·Y and Qᵀ·X are then cheaper in that visit as
+part of (P + Q - 2δ)·Y and its transpose. So 1 (LSE) + 3 (logits, dx, dy) is the fewest matmuls
+for exact softmax gradients in O(n·D + B²) memory. Each sweep runs inside a ``jax.named_scope`` that
 names it and its block size, so it can be found in profiles.
 
 References:
