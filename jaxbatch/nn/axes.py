@@ -100,3 +100,29 @@ def stacked_layer_axes(variables: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
         axis, variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
     )
+
+
+def unstack_layers(params: Any, depth: int, name: str = "layers") -> Any:
+    """A scanned model's params as its unrolled twin's: ``params[name]`` (every leaf stacked
+    ``[depth, ...]`` by ``nn.scan``) becomes ``params[f'{name}_{i}']`` for i < depth.
+
+    The unrolled models (``scan_layers=False``) name their blocks ``layers_0 … layers_{L-1}``,
+    so this converts weights between the two forms (and lets tests compare them slice by slice).
+
+    Raises:
+      ValueError: ``params`` has no ``name`` entry, or a stacked leaf's leading axis is not
+        ``depth``.
+    """
+    params = dict(params)
+    if name not in params:
+        raise ValueError(f"params has no stacked entry {name!r}; top-level keys: {sorted(params)}")
+    stacked = params.pop(name)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(stacked):
+        if not leaf.shape or leaf.shape[0] != depth:
+            raise ValueError(
+                f"params[{name!r}]{jax.tree_util.keystr(path)} has shape {leaf.shape}; expected "
+                f"a leading layer axis of size depth={depth}"
+            )
+    for i in range(depth):
+        params[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params

@@ -72,6 +72,31 @@ def ngram_ids(tokens: jax.Array, orders: Sequence[int], buckets: int, *, lowerca
     return jnp.concatenate(ids, axis=1), jnp.concatenate(valid, axis=1)
 
 
+def bag_head(module: nn.Module, pooled: jax.Array, weight_sum: jax.Array) -> jax.Array:
+    """The shared output of the bag encoders: the weighted sum ``pooled`` [B, width] divided by
+    its total weight ``weight_sum`` [B, 1], LayerNorm, then (when ``module.mlp_dim``) a residual
+    GELU MLP; constrained to ('batch', 'embed'). Call it from the module's compact ``__call__``:
+    the layers it creates are the module's own (LayerNorm_0, Dense_0, Dense_1)."""
+    total = jnp.maximum(weight_sum, 1e-6)
+    pooled = pooled / total.astype(module.dtype)
+    h = nn.LayerNorm(
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        scale_init=partitioned(nn.initializers.ones, (NORM,)),
+        bias_init=partitioned(nn.initializers.zeros, (NORM,)),
+    )(pooled)
+    if module.mlp_dim:
+        dense = lambda features, names: nn.Dense(  # noqa: E731
+            features,
+            dtype=module.dtype,
+            param_dtype=module.param_dtype,
+            kernel_init=partitioned(nn.initializers.lecun_normal(), names),
+            bias_init=partitioned(nn.initializers.zeros, (names[1],)),
+        )
+        h = h + dense(module.width, (MLP, EMBED))(nn.gelu(dense(module.mlp_dim, (EMBED, MLP))(h)))
+    return constrain(h, (BATCH, EMBED))
+
+
 class NgramBagEncoder(nn.Module):
     """Weighted mean of hashed byte n-gram embeddings (see the module docstring).
 
@@ -137,21 +162,4 @@ class NgramBagEncoder(nn.Module):
         counts = counts.at[rows, ids].add(valid.astype(jnp.float32))
         weights = jnp.log1p(counts) * jax.nn.softplus(salience.astype(jnp.float32))[None, :]
         pooled = weights.astype(self.dtype) @ table.astype(self.dtype)  # [B, width]
-        total = jnp.maximum(weights.sum(axis=1, keepdims=True), 1e-6)
-        pooled = pooled / total.astype(self.dtype)
-        h = nn.LayerNorm(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scale_init=partitioned(nn.initializers.ones, (NORM,)),
-            bias_init=partitioned(nn.initializers.zeros, (NORM,)),
-        )(pooled)
-        if self.mlp_dim:
-            dense = lambda features, names: nn.Dense(  # noqa: E731
-                features,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-                bias_init=partitioned(nn.initializers.zeros, (names[1],)),
-            )
-            h = h + dense(self.width, (MLP, EMBED))(nn.gelu(dense(self.mlp_dim, (EMBED, MLP))(h)))
-        return constrain(h, (BATCH, EMBED))
+        return bag_head(self, pooled, weights.sum(axis=1, keepdims=True))

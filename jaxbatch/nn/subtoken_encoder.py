@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbatch.nn.axes import BATCH, EMBED, MLP, NORM, VOCAB, constrain, partitioned
+from jaxbatch.nn.axes import EMBED, VOCAB, partitioned
+from jaxbatch.nn.ngram_encoder import bag_head
 
 
 def bucket_weights(ids: jax.Array, valid: jax.Array, buckets: int) -> tuple[jax.Array, jax.Array]:
@@ -102,21 +103,4 @@ class SubtokenBagEncoder(nn.Module):
         w = tf * jax.nn.softplus(salience.astype(jnp.float32)[j])  # [B, L]
         vectors = table.astype(self.dtype)[j]  # [B, L, width]
         pooled = jnp.einsum("bl,bld->bd", w.astype(self.dtype), vectors)
-        total = jnp.maximum(w.sum(axis=1, keepdims=True), 1e-6)
-        pooled = pooled / total.astype(self.dtype)
-        h = nn.LayerNorm(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            scale_init=partitioned(nn.initializers.ones, (NORM,)),
-            bias_init=partitioned(nn.initializers.zeros, (NORM,)),
-        )(pooled)
-        if self.mlp_dim:
-            dense = lambda features, names: nn.Dense(  # noqa: E731
-                features,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=partitioned(nn.initializers.lecun_normal(), names),
-                bias_init=partitioned(nn.initializers.zeros, (names[1],)),
-            )
-            h = h + dense(self.width, (MLP, EMBED))(nn.gelu(dense(self.mlp_dim, (EMBED, MLP))(h)))
-        return constrain(h, (BATCH, EMBED))
+        return bag_head(self, pooled, w.sum(axis=1, keepdims=True))

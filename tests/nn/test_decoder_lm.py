@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxbatch.nn import DecoderLM
+from jaxbatch.nn.axes import unstack_layers
 
 DEPTH = 3
 SMALL = dict(vocab_size=32, width=8, depth=DEPTH, heads=2, mlp_dim=16, max_len=8)
@@ -17,21 +18,12 @@ def _tokens(b=2, length=8, seed=0):
     return jax.random.randint(jax.random.key(seed), (b, length), 0, SMALL["vocab_size"])
 
 
-def _unstack_layers(params):
-    """Scanned params (params['layers'] with a leading depth axis) -> params['layers_i']."""
-    params = dict(params)
-    stacked = params.pop("layers")
-    for i in range(DEPTH):
-        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
-    return params
-
-
 def test_scanned_and_unrolled_layers_give_the_same_logits(fast_jit):
     scanned = DecoderLM(**SMALL, scan_layers=True)
     unrolled = DecoderLM(**SMALL, scan_layers=False)
     tokens = _tokens()
     params = nn.meta.unbox(fast_jit(scanned.init)(jax.random.key(0), tokens))["params"]
-    unstacked = _unstack_layers(params)
+    unstacked = unstack_layers(params, DEPTH)
     expected_tree = jax.eval_shape(unrolled.init, jax.random.key(0), tokens)["params"]
     assert jax.tree.structure(unstacked) == jax.tree.structure(nn.meta.unbox(expected_tree))
     logits_scan = fast_jit(scanned.apply)({"params": params}, tokens)

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from jaxbatch.nn.axes import unstack_layers
 from jaxbatch.optim.accumulate import micro_batch_rng, split_micro_batches
 from jaxbatch.train import config as config_lib
 from jaxbatch.train import loop
@@ -39,15 +40,6 @@ def _lm_run(optimizer: str, scan_layers: bool, depth: int = 3):
     return run, {"tokens": jnp.asarray(tokens)}
 
 
-def _unstack(params, depth):
-    """Scanned params (params['layers'] stacked [L, ...]) as the unscanned model's tree."""
-    params = dict(params)
-    stacked = params.pop("layers")
-    for i in range(depth):
-        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
-    return params
-
-
 def _ratios(opt_state):
     found = []
 
@@ -70,15 +62,15 @@ def test_scanned_update_equals_unscanned_update_slice_by_slice(optimizer):
     unscanned, _ = _lm_run(optimizer, scan_layers=False, depth=depth)
     state_s, _ = loop.init_or_restore(scanned, None)
     state_u, _ = loop.init_or_restore(unscanned, None)
-    params_u = _unstack(jax.device_get(state_s.params), depth)
+    params_u = unstack_layers(jax.device_get(state_s.params), depth)
     assert jax.tree.structure(params_u) == jax.tree.structure(state_u.params)
     state_u = state_u.replace(params=params_u, opt_state=unscanned.tx.init(params_u))
-    before = _unstack(jax.device_get(state_s.params), depth)
+    before = unstack_layers(jax.device_get(state_s.params), depth)
 
     state_s, metrics_s = scanned.train_step(state_s, batch)
     state_u, metrics_u = unscanned.train_step(state_u, batch)
     np.testing.assert_allclose(metrics_s["loss"], metrics_u["loss"], rtol=1e-6)
-    after_s = _unstack(jax.device_get(state_s.params), depth)
+    after_s = unstack_layers(jax.device_get(state_s.params), depth)
     after_u = jax.device_get(state_u.params)
     for i in range(depth):
         # A key bias adds one constant to all scores of a query, which softmax cancels: its
