@@ -31,12 +31,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-IMPLEMENTATIONS = ("reference", "xla", "auto")
+IMPLEMENTATIONS = ("reference", "xla", "pallas", "auto")
 # Logit elements per chunk when chunk_size is None: 16M float32 = 64 MiB for logits_c (and as
 # much again for the backward's softmax), whatever the vocabulary.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Backends on which the Pallas kernels run compiled (elsewhere only in the slow interpreter).
+_KERNEL_PLATFORMS = ("tpu", "gpu")
+# Bad labels listed in a ValueError at most.
+_SHOW_BAD = 5
 
 
 def _acc(h: jax.Array, w: jax.Array):
@@ -60,45 +65,117 @@ def linear_cross_entropy(
       h: hidden states [T, D] (float32 or bfloat16; flatten batch and sequence first).
       w: output kernel [D, V], the layout of ``flax.linen.Dense``'s kernel.
       labels: int [T] in [0, V), or ``ignore_index`` for tokens that do not count.
-      chunk_size: tokens per chunk; the logits held at once are chunk_size × V. Default:
-        ``DEFAULT_CHUNK_ELEMENTS // V`` (at least 8), at most T.
+      chunk_size: tokens per chunk of 'xla'; the logits held at once are chunk_size × V.
+        Default: ``DEFAULT_CHUNK_ELEMENTS // V`` (at least 8), at most T. 'pallas' tiles with
+        ``pallas_kernels.cross_entropy.BlockSizes.get_default`` instead and ignores it.
       ignore_index: label value whose tokens are left out of the mean (e.g. padding).
-      implementation: 'reference' (the naive [T, V] form, for tests), 'xla' (chunked), 'auto'
-        (= 'xla').
+      implementation: 'reference' (the naive [T, V] form, for tests), 'xla' (chunked),
+        'pallas' (the fused kernels of ``pallas_kernels.cross_entropy``: Mosaic TPU, Triton GPU,
+        the TPU kernels in the interpreter on CPU), 'auto' ('pallas' then 'xla' on TPU and GPU,
+        falling back when the kernels refuse the input; 'xla' elsewhere). See
+        `choose_implementation` for the choice and its reason.
       axis_name: mesh axis (or tuple of axes) the tokens are sharded over, inside
         ``jax.shard_map``: h and labels are then this device's token rows, w the whole kernel
         (the same on every device), and the result is the mean over the tokens of all devices,
         Σ_devices (sum of losses) / Σ_devices (count), the same on every device. The chunks
-        stay within the local rows, so no device gathers another's hidden states; the gradient
-        of w is summed over the axis. None: one device.
+        (or kernel tiles) stay within the local rows, so no device gathers another's hidden
+        states; the gradient of w is summed over the axis. None: one device.
+
+    Labels out of range: a label outside [0, V) that is not ``ignore_index`` is an error. With
+    concrete labels (not traced under ``jit``) it raises ValueError naming the values before
+    anything compiles. With traced labels the values are unknown until run time; then the loss
+    is NaN, and so are dw and the dh rows of the counted tokens (all implementations; with
+    ``axis_name`` on every device), so that a wrong label never gives a plausible number. The
+    test is one comparison and one reduction over the T labels (no checkify).
 
     Returns:
       float32 scalar (float64 for float64 inputs): the mean over counted tokens (0 if none
       counts). Gradients flow to h and w.
+
+    Raises:
+      ValueError: wrong ranks, mismatched shapes, T or V = 0, concrete out-of-range labels, or a
+        bad option; TypeError: non-float h or w, non-integer labels or ignore_index;
+      NotImplementedError: implementation 'pallas' with inputs the kernels do not handle
+        (never raised by 'auto', which falls back to 'xla').
     """
-    h, w, labels = _check(h, w, labels)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if ignore_index is not None and not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
-    valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    h, w, labels = check_inputs(h, w, labels, ignore_index)
+    valid, poison = label_mask(labels, w.shape[1], ignore_index)
     if axis_name is not None:
         w = _varying(w, axis_name)
-    if implementation == "reference":
-        loss = _reference(h, w, labels, valid)
+    for impl in _candidates(implementation):
+        try:
+            loss = _IMPLS[impl](h, w, labels, valid, chunk_size)
+            break
+        except NotImplementedError:
+            if implementation != "auto":
+                raise
     else:
-        t, v = h.shape[0], w.shape[1]
-        chunk = min(chunk_size or max(8, DEFAULT_CHUNK_ELEMENTS // v), t)
-        loss = _chunked(h, w, jnp.where(valid, labels, 0), valid, chunk)
+        raise NotImplementedError(f"no implementation of linear_cross_entropy for {h.dtype} h")
+    if poison is not None:
+        loss = loss * poison.astype(loss.dtype)
     if axis_name is None:
         return loss
     count = jnp.sum(valid).astype(loss.dtype)
     total = lax.psum(jnp.stack([loss * count, count]), axis_name)
     return total[0] / jnp.maximum(total[1], 1)
+
+
+def choose_implementation(
+    requested: str, t: int, d: int, v: int, dtype="float32", *, backend: str | None = None
+) -> tuple[str, str]:
+    """(implementation, reason) that `linear_cross_entropy` runs for [t, d] × [d, v] inputs.
+
+    'reference' and 'xla' are kept. 'auto' picks 'pallas' on TPU and GPU when the kernels
+    accept the shapes and dtype, else 'xla' (CPU: the kernels would only run in the slow
+    interpreter). An explicit 'pallas' is kept (on CPU: the interpreter), or refused with the
+    kernels' reason, never replaced.
+
+    Args:
+      requested: an entry of ``IMPLEMENTATIONS``.
+      t: tokens per device; d: feature dim; v: vocabulary; dtype: of h and w.
+      backend: the platform the step runs on; default ``jax.default_backend()``.
+
+    Raises:
+      ValueError: an unknown implementation, or 'pallas' with inputs the kernels do not handle.
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
+    backend = jax.default_backend() if backend is None else backend
+    if requested in ("reference", "xla"):
+        return requested, f"implementation={requested!r}"
+    if requested == "auto" and backend not in _KERNEL_PLATFORMS:
+        return "xla", (
+            f"auto on {backend}: the Pallas kernels run compiled on {list(_KERNEL_PLATFORMS)} "
+            "only, so the chunked XLA form"
+        )
+    from pallas_kernels.cross_entropy import api  # the kernels package is optional for the rest
+
+    try:
+        api.resolve_plan(t, d, v, dtype, backend=backend)
+    except NotImplementedError as err:
+        if requested == "pallas":
+            raise ValueError(
+                f"implementation='pallas' cannot run on backend {backend!r} for h [{t}, {d}], "
+                f"w [{d}, {v}] of {jnp.dtype(dtype).name}: {err}; expected inputs the kernels "
+                "handle, or implementation 'auto' or 'xla'"
+            ) from err
+        return "xla", f"auto on {backend}: the Pallas kernels refused the inputs ({err})"
+    mode = "the Pallas interpreter" if backend == "cpu" else "compiled Pallas kernels"
+    return "pallas", f"{requested} on {backend}: {mode}"
+
+
+def _candidates(implementation: str) -> tuple[str, ...]:
+    if implementation != "auto":
+        return (implementation,)
+    if jax.default_backend() in _KERNEL_PLATFORMS:
+        return ("pallas", "xla")
+    return ("xla",)
 
 
 def _varying(w: jax.Array, axis_name) -> jax.Array:
@@ -117,29 +194,81 @@ def _varying(w: jax.Array, axis_name) -> jax.Array:
     return lax.pcast(w, missing, to="varying") if missing else w
 
 
-def _check(h, w, labels):
+def check_inputs(h, w, labels, ignore_index=None):
+    """Validates shapes and dtypes (static, before anything compiles); returns jnp arrays.
+
+    Raises:
+      ValueError: ranks other than h [T, D], w [D, V], labels [T]; D or T mismatch; T or V = 0.
+      TypeError: non-floating h or w, non-integer labels, ignore_index neither int nor None.
+    """
     h, w, labels = jnp.asarray(h), jnp.asarray(w), jnp.asarray(labels)
-    if h.ndim != 2 or w.ndim != 2 or labels.ndim != 1:
+    for name, a, want in (("h", h, "[T, D]"), ("w", w, "[D, V]"), ("labels", labels, "[T]")):
+        if a.ndim != len(want.split(",")):
+            raise ValueError(
+                f"{name} must be {want} (rank {len(want.split(','))}), got shape {a.shape}; "
+                "expected h [T, D], w [D, V], labels [T] (flatten batch and sequence first)"
+            )
+    t, d = h.shape
+    if w.shape[0] != d:
+        hint = " (w looks transposed: pass the [D, V] Dense kernel)" if w.shape[1] == d else ""
         raise ValueError(
-            f"expected h [T, D], w [D, V], labels [T]; got shapes {h.shape}, {w.shape}, "
-            f"{labels.shape}"
+            f"shapes do not match: h {h.shape} has D = {d} features but w {w.shape} has "
+            f"{w.shape[0]} rows; expected w of shape ({d}, V){hint}"
         )
-    if h.shape[1] != w.shape[0] or h.shape[0] != labels.shape[0]:
+    if labels.shape[0] != t:
         raise ValueError(
-            f"shapes do not match: h {h.shape} (T, D), w {w.shape} (D, V), labels {labels.shape} "
-            "(T,)"
+            f"shapes do not match: h {h.shape} has T = {t} tokens but labels {labels.shape} has "
+            f"{labels.shape[0]}; expected labels of shape ({t},)"
         )
-    if h.shape[0] == 0:
-        raise ValueError("h has no tokens (T = 0)")
+    if t == 0:
+        raise ValueError(f"h has no tokens (T = 0), shape {h.shape}; expected T >= 1")
+    if w.shape[1] == 0:
+        raise ValueError(f"w has an empty vocabulary (V = 0), shape {w.shape}; expected V >= 1")
     for name, a in (("h", h), ("w", w)):
         if not jnp.issubdtype(a.dtype, jnp.floating):
             raise TypeError(f"{name} must be floating point, got {a.dtype}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integers, got {labels.dtype}")
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer)
+    ):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
     return h, w, labels
 
 
-def _reference(h, w, labels, valid):
+def label_mask(labels: jax.Array, v: int, ignore_index: int | None):
+    """(valid [T] bool, poison) for labels of a V-way softmax.
+
+    valid: the counted tokens, label in [0, V) and not ``ignore_index``. A label that is neither
+    is an error: concrete labels raise here, naming the values and their positions; traced
+    labels give ``poison``, a scalar that is NaN when any label is out of range and 1
+    otherwise, for the caller to multiply into the loss (None for concrete labels).
+
+    Raises:
+      ValueError: concrete labels outside [0, V) other than ignore_index.
+    """
+    counted = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    in_range = (labels >= 0) & (labels < v)
+    if isinstance(labels, jax.core.Tracer):
+        bad = jnp.any(counted & ~in_range)
+        return counted & in_range, jnp.where(bad, jnp.nan, 1.0)
+    values = np.asarray(jax.device_get(labels))
+    bad_at = np.flatnonzero((values < 0) | (values >= v))
+    if ignore_index is not None:
+        bad_at = bad_at[values[bad_at] != ignore_index]
+    if bad_at.size:
+        shown = ", ".join(f"labels[{i}] = {values[i]}" for i in bad_at[:_SHOW_BAD])
+        more = f" and {bad_at.size - _SHOW_BAD} more" if bad_at.size > _SHOW_BAD else ""
+        ignore = "" if ignore_index is None else f" or ignore_index = {ignore_index}"
+        raise ValueError(
+            f"{bad_at.size} label(s) out of range: {shown}{more}; expected values in "
+            f"[0, {v}) (V = w.shape[1]){ignore}"
+        )
+    return counted, None
+
+
+def _reference(h, w, labels, valid, chunk_size=None):
+    del chunk_size
     logits = jnp.dot(h, w, preferred_element_type=_acc(h, w))
     lse = jax.nn.logsumexp(logits, axis=-1)
     target = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[:, None], axis=-1)[:, 0]
@@ -224,3 +353,23 @@ def _bwd(chunk, residuals, g):
 
 
 _chunked.defvjp(_fwd, _bwd)
+
+
+def _xla(h, w, labels, valid, chunk_size):
+    t, v = h.shape[0], w.shape[1]
+    chunk = min(chunk_size or max(8, DEFAULT_CHUNK_ELEMENTS // v), t)
+    return _chunked(h, w, jnp.where(valid, labels, 0), valid, chunk)
+
+
+def _pallas(h, w, labels, valid, chunk_size):
+    del chunk_size  # the kernels tile with their own BlockSizes
+    # Imported here so that jaxbatch.losses imports without the kernels package.
+    from pallas_kernels.cross_entropy import api
+
+    # Raises NotImplementedError (dtype, backend, tiling) before anything is traced, so that
+    # 'auto' can fall back to the chunked XLA form.
+    plan = api.resolve_plan(h.shape[0], h.shape[1], w.shape[1], h.dtype, w_dtype=w.dtype)
+    return api.masked_loss(h, w, labels, valid, plan)
+
+
+_IMPLS = {"reference": _reference, "xla": _xla, "pallas": _pallas}

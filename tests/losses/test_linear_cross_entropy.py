@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxbatch.losses import linear_cross_entropy
+from jaxbatch.losses.linear_cross_entropy import choose_implementation
 
 
 def _inputs(t=37, d=16, v=50, dtype=jnp.float32, seed=0):
@@ -127,9 +128,33 @@ def test_compiled_memory_never_holds_the_logits():
         ),
         (
             (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4, int)),
-            {"implementation": "pallas"},
+            {"implementation": "fused"},
             ValueError,
             "implementation must be one of",
+        ),
+        # the D mismatch names both values and spots a transposed kernel
+        ((np.zeros((4, 3)), np.zeros((5, 3)), np.zeros(4, int)), {}, ValueError, r"D = 3.*5 rows"),
+        ((np.zeros((4, 3)), np.zeros((5, 3)), np.zeros(4, int)), {}, ValueError, "transposed"),
+        ((np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(3, int)), {}, ValueError, r"T = 4.*has 3"),
+        ((np.zeros((4, 3)), np.zeros((3, 0)), np.zeros(4, int)), {}, ValueError, "V = 0"),
+        ((np.zeros((4, 3)), np.zeros((3, 5, 1)), np.zeros(4, int)), {}, ValueError, r"w must be"),
+        (
+            (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros((4, 1), int)),
+            {},
+            ValueError,
+            "labels must",
+        ),
+        (
+            (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4, bool)),
+            {},
+            TypeError,
+            "integers, got bool",
+        ),
+        (
+            (np.zeros((4, 3)), np.zeros((3, 5)), np.zeros(4, int)),
+            {"ignore_index": True},
+            TypeError,
+            "ignore_index must be an int",
         ),
     ],
 )
@@ -138,7 +163,121 @@ def test_bad_inputs(args, kwargs, error, match):
         linear_cross_entropy(*args, **kwargs)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "reference"])
+@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas", "auto"])
+@pytest.mark.parametrize(
+    "labels, ignore_index, match",
+    [
+        (
+            [0, 5, 1, 2],
+            None,
+            r"1 label\(s\) out of range: labels\[1\] = 5; expected values in \[0, 5\)",
+        ),
+        (
+            [0, -1, 1, 2],
+            None,
+            r"labels\[1\] = -1; expected values in \[0, 5\) \(V = w\.shape\[1\]\)$",
+        ),
+        ([0, -1, 7, -100], -100, r"labels\[1\] = -1, labels\[2\] = 7.* or ignore_index = -100"),
+        (list(range(-8, 0)), None, r"8 label\(s\).*labels\[4\] = -4 and 3 more"),
+    ],
+)
+def test_concrete_labels_out_of_range_raise_before_compiling(
+    implementation, labels, ignore_index, match
+):
+    labels = np.asarray(labels)
+    h, w = np.zeros((labels.size, 3), np.float32), np.zeros((3, 5), np.float32)
+    with pytest.raises(ValueError, match=match):
+        linear_cross_entropy(h, w, labels, ignore_index=ignore_index, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla", "pallas"])
+def test_traced_labels_out_of_range_give_nan_loss_and_gradients(implementation):
+    """Under jit the values are unknown before running: the documented rule is NaN, never a
+    plausible number: the loss, dw, and dh of every counted token (an ignored token's dh may stay
+    0); in-range labels stay finite."""
+    h, w, labels = _inputs(t=12, d=8, v=20)
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, y: linear_cross_entropy(
+                h, w, y, ignore_index=-100, implementation=implementation
+            ),
+            argnums=(0, 1),
+        )
+    )
+    good = labels.at[3].set(-100)
+    value, (dh, dw) = f(h, w, good)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(dh)) and np.all(np.isfinite(dw))
+    counted = np.arange(12) != 3
+    for bad in (20, -1):
+        value, (dh, dw) = f(h, w, good.at[5].set(bad))
+        assert np.isnan(float(value)) and np.all(np.isnan(dw)), bad
+        assert np.all(np.isnan(np.asarray(dh)[counted & (np.arange(12) != 5)])), bad
+
+
+def test_pallas_equals_the_naive_form_through_the_public_entry():
+    # The kernels themselves are tested in tests/pallas_kernels; here the dispatch, the label
+    # rule and the chunk_size option (ignored by 'pallas') around them.
+    h, w, labels = _inputs(t=37, d=16, v=150)
+    labels = labels.at[jnp.array([2, 30])].set(-100)
+
+    def loss(impl, chunk):
+        return lambda h, w: linear_cross_entropy(
+            h, w, labels, chunk_size=chunk, ignore_index=-100, implementation=impl
+        )
+
+    value, grads = jax.value_and_grad(loss("pallas", 5), argnums=(0, 1))(h, w)
+    ref_value, ref_grads = jax.value_and_grad(loss("reference", None), argnums=(0, 1))(h, w)
+    np.testing.assert_allclose(value, _numpy_loss(h, w, labels, ignore=-100), rtol=1e-5)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_pallas_refuses_what_the_kernels_cannot_run_and_auto_does_not_pick_it_on_cpu():
+    h, w, labels = _inputs(t=8, d=4, v=10)
+    with jax.enable_x64():
+        h64, w64 = h.astype(jnp.float64), w.astype(jnp.float64)
+        with pytest.raises(NotImplementedError, match="got float64"):
+            linear_cross_entropy(h64, w64, labels, implementation="pallas")
+        assert linear_cross_entropy(h64, w64, labels).dtype == jnp.float64  # auto -> xla
+    with pytest.raises(NotImplementedError, match="share a dtype"):
+        linear_cross_entropy(h, w.astype(jnp.bfloat16), labels, implementation="pallas")
+
+    def primitives(impl):
+        jaxpr = jax.make_jaxpr(lambda h, w: linear_cross_entropy(h, w, labels, implementation=impl))
+        return str(jaxpr(h, w))
+
+    assert "pallas_call" in primitives("pallas")
+    assert "pallas_call" not in primitives("auto")  # CPU: the chunked XLA form
+
+
+@pytest.mark.parametrize(
+    "requested, backend, dtype, expected",
+    [
+        ("auto", "cpu", "float32", "xla"),
+        ("auto", "tpu", "bfloat16", "pallas"),
+        ("auto", "gpu", "float32", "pallas"),
+        ("auto", "tpu", "float64", "xla"),  # no kernels for float64: the reason says why
+        ("pallas", "cpu", "float32", "pallas"),  # explicit: kept (the interpreter)
+        ("xla", "tpu", "float32", "xla"),
+        ("reference", "gpu", "float32", "reference"),
+    ],
+)
+def test_choose_implementation_reports_the_choice(requested, backend, dtype, expected):
+    name, reason = choose_implementation(requested, 4096, 512, 32000, dtype, backend=backend)
+    assert name == expected and reason
+    if (requested, expected) == ("auto", "xla"):
+        assert f"auto on {backend}" in reason
+
+
+def test_choose_implementation_refuses_an_explicit_pallas_it_cannot_run():
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run on backend 'tpu'"):
+        choose_implementation("pallas", 4096, 512, 32000, "float64", backend="tpu")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        choose_implementation("fused", 4096, 512, 32000)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "reference", "pallas"])
 def test_axis_name_gives_the_global_mean_over_sharded_tokens(eight_devices, implementation):
     """Inside shard_map over 8 devices, with ignored tokens spread unevenly over the devices:
     Σ losses / Σ counted tokens of all devices, and the one-device gradients."""
