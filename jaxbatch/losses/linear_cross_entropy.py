@@ -23,6 +23,11 @@ holding dh [T, D] and dw [D, V] from the forward to the backward pass (the size 
 idea of never storing the logits is that of cut cross-entropy (Wijmans et al. 2024, "Cut Your
 Losses in Large-Vocabulary Language Models"); here blocks are token chunks in XLA. The value and
 both gradients equal the naive form's.
+
+``implementation='pallas'`` runs the fused kernels of ``pallas_kernels.cross_entropy`` instead
+(token blocks × vocabulary tiles with the log-sum-exp kept on chip, a recomputing backward; see
+its api.py), and 'auto' picks them on TPU and GPU. Every implementation shares the validation
+(`check_inputs`) and the label rule (`label_mask`) of this module.
 """
 
 from __future__ import annotations
