@@ -5,9 +5,25 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
+from jaxbatch.nn import streambp
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
 from jaxbatch.nn.layers import causal_mask, layer_norm, pre_ln_block
 from jaxbatch.nn.remat import get_policy, remat_module
+
+BACKPROP_MODES = ("full", "remat", "streambp")
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment, int32 [B, L], for packed sequences.
+
+    A segment is a run of equal ids: [[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]].
+    """
+    length = segment_ids.shape[1]
+    index = jnp.arange(length, dtype=jnp.int32)[None]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 class DecoderBlock(nn.Module):
@@ -18,19 +34,26 @@ class DecoderBlock(nn.Module):
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    attention_chunk_size: int = 512
 
     @nn.compact
-    def __call__(self, x: jax.Array, unused: None = None) -> tuple[jax.Array, None]:
-        del unused
-        return pre_ln_block(self, x, causal_mask(x.shape[1]), deterministic=True), None
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, None]:
+        mask = causal_mask(x.shape[1])
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        return pre_ln_block(self, x, mask, deterministic=True), None
 
 
 class DecoderLM(nn.Module):
     """GPT-style decoder-only language model.
 
-    z_0 = E[tokens] + P[:L];  z_l = z_{l-1} + attn(LN(z_{l-1}), causal), then + mlp(LN(·)),
+    z_0 = E[tokens] + P[positions];  z_l = z_{l-1} + attn(LN(z_{l-1}), causal), then + mlp(LN(·)),
     l = 1..depth;  h = LN(z_depth);  logits = h W  with W = Eᵀ when ``tie_embeddings`` else a
-    separate [width, vocab] kernel. Position t only sees tokens 0..t.
+    separate [width, vocab] kernel. Position t only sees tokens 0..t (of its own segment when
+    ``segment_ids`` mark packed sequences; positions then count from each segment's start).
 
     ``scan_layers=True`` runs the blocks with ``nn.scan``: their parameters are stacked under
     params['layers'] with a leading axis of size ``depth`` whose logical name is 'layers'.
@@ -38,12 +61,25 @@ class DecoderLM(nn.Module):
     same values, unstacked). ``remat_policy`` wraps each block in ``nn.remat`` with the
     ``jax.checkpoint`` policy of that name (see ``jaxbatch.nn.remat``).
 
+    ``backprop`` picks how the gradient of the blocks is formed (the parameters and the forward
+    values are the same in all three):
+
+    - 'full': ordinary autodiff (what is saved is set by ``remat_policy``);
+    - 'remat': every block recomputed in the backward pass (``jax.checkpoint`` saving nothing but
+      the block inputs), with the attention of ``attention`` (the chunked one for long sequences);
+    - 'streambp': exact sequence-chunked backprop (``jaxbatch.nn.streambp``; Luo et al. 2025): the
+      forward keeps the block inputs only and the backward of each block walks the sequence in
+      chunks of ``stream_chunk_size`` positions. Needs ``remat_policy='none'``; it is used on apply
+      (init runs the ordinary path, which makes the same parameters).
+
     For a chunked linear cross-entropy, ``apply(..., method='hidden')`` gives h [B, L, width] and
     ``apply(..., method='output_kernel')`` gives W [width, vocab], so that logits = h @ W.
 
     References:
       Radford et al. 2019, "Language Models are Unsupervised Multitask Learners" (GPT-2);
-      Vaswani et al. 2017, "Attention Is All You Need", Eq. 1 (masked attention).
+      Vaswani et al. 2017, "Attention Is All You Need", Eq. 1 (masked attention);
+      Luo et al. 2025, "StreamBP: Memory-Efficient Exact Backpropagation for Long Sequence Training
+      of LLMs".
 
     Attributes:
       vocab_size: number of token ids.
@@ -57,6 +93,10 @@ class DecoderLM(nn.Module):
       tie_embeddings: use the token embedding as the output kernel.
       dtype: compute dtype (logits are returned in float32).
       param_dtype: parameter dtype.
+      attention: attention implementation (``jaxbatch.nn.attention.IMPLEMENTATIONS``).
+      attention_chunk_size: query chunk of the chunked attention.
+      backprop: one of :data:`BACKPROP_MODES`.
+      stream_chunk_size: positions per chunk of 'streambp' (1 <= it <= sequence length).
     """
 
     vocab_size: int = 258
@@ -70,6 +110,10 @@ class DecoderLM(nn.Module):
     tie_embeddings: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    attention_chunk_size: int = 512
+    backprop: str = "full"
+    stream_chunk_size: int = 512
 
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
@@ -79,6 +123,25 @@ class DecoderLM(nn.Module):
             )
         if self.depth < 1:
             raise ValueError(f"DecoderLM: depth must be >= 1, got {self.depth}")
+        if self.backprop not in BACKPROP_MODES:
+            raise ValueError(
+                f"DecoderLM: unknown backprop={self.backprop!r}; expected one of {BACKPROP_MODES}"
+            )
+        if self.backprop == "streambp" and self.remat_policy != "none":
+            raise ValueError(
+                "DecoderLM: backprop='streambp' recomputes every block chunk by chunk; it does not "
+                f"support remat_policy={self.remat_policy!r} (use 'none')"
+            )
+        if self.backprop == "remat" and self.remat_policy not in ("none", "full"):
+            raise ValueError(
+                f"DecoderLM: backprop='remat' does not combine with remat_policy="
+                f"{self.remat_policy!r} (it recomputes whole blocks); use remat_policy='none' or "
+                "backprop='full'"
+            )
+        for name in ("stream_chunk_size", "attention_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DecoderLM: {name} must be a positive int, got {value!r}")
         super().__post_init__()
 
     def setup(self):
@@ -95,13 +158,21 @@ class DecoderLM(nn.Module):
             (self.max_len, self.width),
             self.param_dtype,
         )
-        block_cls = remat_module(DecoderBlock, self.remat_policy, prevent_cse=not self.scan_layers)
-        block_kw = dict(num_heads=self.heads, mlp_dim=self.mlp_dim, **kw)
+        policy = "full" if self.backprop == "remat" else self.remat_policy
+        block_cls = remat_module(DecoderBlock, policy, prevent_cse=not self.scan_layers)
+        block_kw = dict(
+            num_heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            attention=self.attention,
+            attention_chunk_size=self.attention_chunk_size,
+            **kw,
+        )
         if self.scan_layers:
             scanned = nn.scan(
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
+                in_axes=nn.broadcast,
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
@@ -117,20 +188,79 @@ class DecoderLM(nn.Module):
                 self.param_dtype,
             )
 
-    def hidden(self, tokens: jax.Array) -> jax.Array:
-        """Final hidden states h [B, L, width] (after the last LayerNorm) for tokens int [B, L]."""
+    def _check_inputs(self, tokens, segment_ids, positions):
         if tokens.ndim != 2:
             raise ValueError(f"DecoderLM: expected tokens [B, L], got shape {tokens.shape}")
         length = tokens.shape[1]
         if length > self.max_len:
             raise ValueError(f"DecoderLM: sequence length {length} exceeds max_len={self.max_len}")
-        x = self.embed(tokens) + self.pos_embedding[:length].astype(self.dtype)
-        x = constrain(x, (BATCH, LENGTH, EMBED))
+        for name, a in (("segment_ids", segment_ids), ("positions", positions)):
+            if a is None:
+                continue
+            if a.shape != tokens.shape:
+                raise ValueError(
+                    f"DecoderLM: {name} has shape {a.shape}; expected the tokens' shape "
+                    f"{tokens.shape} [B, L]"
+                )
+            if not jnp.issubdtype(a.dtype, jnp.integer):
+                raise ValueError(f"DecoderLM: {name} must be integers, got {a.dtype}")
+        if self.backprop == "streambp":
+            streambp.check_chunk_size(self.stream_chunk_size, length)
+
+    def _stream_blocks(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        params = nn.meta.unbox(self.variables["params"])
         if self.scan_layers:
-            x, _ = self.layers(x, None)
+            layer_params = params["layers"]
+        else:
+            layer_params = [params[f"layers_{i}"] for i in range(self.depth)]
+        pre_fn, chunk_fn = streambp.pre_ln_block_fns(
+            num_heads=self.heads,
+            mlp_dim=self.mlp_dim,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention=self.attention,
+            attention_chunk_size=self.attention_chunk_size,
+        )
+        return streambp.streambp_stack(
+            pre_fn,
+            chunk_fn,
+            layer_params,
+            x,
+            segment_ids,
+            chunk_size=self.stream_chunk_size,
+            scanned=self.scan_layers,
+        )
+
+    def hidden(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states h [B, L, width] (after the last LayerNorm).
+
+        Args:
+          tokens: int [B, L] token ids.
+          segment_ids: int [B, L] or None; packed sequences: a token attends only to earlier
+            tokens of its own segment.
+          positions: int [B, L] indices into the position table, or None for 0..L-1 (packed
+            sequences usually restart them at each segment).
+        """
+        self._check_inputs(tokens, segment_ids, positions)
+        length = tokens.shape[1]
+        if positions is None:
+            pos = self.pos_embedding[:length][None]
+        else:
+            pos = jnp.take(self.pos_embedding, positions, axis=0)
+        x = self.embed(tokens) + pos.astype(self.dtype)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        if self.backprop == "streambp" and not self.is_initializing():
+            x = self._stream_blocks(x, segment_ids)
+        elif self.scan_layers:
+            x, _ = self.layers(x, segment_ids)
         else:
             for layer in self.layers:
-                x, _ = layer(x, None)
+                x, _ = layer(x, segment_ids)
         return constrain(self.final_norm(x), (BATCH, LENGTH, EMBED))
 
     def output_kernel(self) -> jax.Array:
@@ -146,17 +276,23 @@ class DecoderLM(nn.Module):
         return constrain(logits.astype(jnp.float32), (BATCH, LENGTH, VOCAB))
 
     def __call__(
-        self, tokens: jax.Array, *, return_hidden: bool = False
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        *,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Next-token logits float32 [B, L, vocab] for tokens int [B, L].
 
         Args:
           tokens: token ids.
+          segment_ids, positions: see :meth:`hidden`.
           return_hidden: also return the final hidden states h [B, L, width].
 
         Returns:
           logits, or (logits, h) when ``return_hidden``.
         """
-        h = self.hidden(tokens)
+        h = self.hidden(tokens, segment_ids, positions)
         logits = self.logits_from_hidden(h)
         return (logits, h) if return_hidden else logits

@@ -1,14 +1,18 @@
-"""DecoderLM: scanned vs unrolled layers, causality, hidden states, sharding under a mesh."""
+"""DecoderLM: scanned vs unrolled layers, causality, hidden states, sharding under a mesh; packed
+sequences; backprop 'remat' and 'streambp' give the gradients of 'full' with less memory."""
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxbatch.losses import linear_cross_entropy
 from jaxbatch.nn import DecoderLM
 from jaxbatch.nn.axes import unstack_layers
+from jaxbatch.nn.decoder_lm import segment_positions
 
 DEPTH = 3
 SMALL = dict(vocab_size=32, width=8, depth=DEPTH, heads=2, mlp_dim=16, max_len=8)
@@ -102,3 +106,131 @@ def test_sharded_init_and_apply_under_mesh_rules_match_single_device(eight_devic
     assert query.sharding.spec == P(None, None, "model", None)  # ('layers','embed','heads','kv')
     assert logits.sharding.spec == P("data", None, "model")  # ('batch','length','vocab')
     np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+
+
+# Two packed rows of T = 13 (a chunk of 5 does not divide it): row 0 holds segments of 6 and 7
+# tokens, row 1 one sequence of 10 tokens and 3 padding tokens (label -1 = ignore_index).
+PACKED = dict(SMALL, max_len=16)
+SEGMENTS = np.array([[0] * 6 + [1] * 7, [0] * 10 + [1] * 3], np.int32)
+
+
+def _packed_batch():
+    tokens = np.asarray(_tokens(length=14, seed=3))
+    labels = tokens[:, 1:].copy()
+    labels[1, 10:] = -1  # padding
+    labels[0, 5] = -1  # the last token of segment 0 does not predict segment 1's first
+    return jnp.asarray(tokens[:, :-1]), jnp.asarray(labels), jnp.asarray(SEGMENTS)
+
+
+def _loss(model, tokens, labels, segments):
+    positions = segment_positions(segments)
+
+    def loss(params):
+        variables = {"params": params}
+        h = model.apply(variables, tokens, segments, positions, method="hidden")
+        w = model.apply(variables, method="output_kernel")
+        return linear_cross_entropy(
+            h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), ignore_index=-1
+        )
+
+    return loss
+
+
+def test_segment_positions_restart_at_each_segment():
+    got = segment_positions(jnp.array([[7, 7, 7, 2, 2, 7], [0, 0, 0, 0, 0, 0]]))
+    np.testing.assert_array_equal(got, [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+
+
+def test_packed_segments_do_not_see_each_other(fast_jit):
+    model = DecoderLM(**PACKED)
+    tokens, _, segments = _packed_batch()
+    positions = segment_positions(segments)
+    variables = fast_jit(model.init)(jax.random.key(0), tokens)
+    apply = fast_jit(model.apply)
+    packed = apply(variables, tokens, segments, positions)
+    alone = apply(variables, tokens[:1, 6:])  # segment 1 of row 0 as its own sequence
+    np.testing.assert_allclose(packed[0, 6:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+# f32 tolerance of the gradient comparisons: rtol 1e-4 per entry, atol 1e-6 of the largest entry
+# of the whole gradient (the attention key bias has an exactly-zero gradient: rounding only).
+RTOL, ATOL = 1e-4, 1e-6
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_and_streambp_give_the_loss_and_gradients_of_full_backprop(scan_layers, fast_jit):
+    tokens, labels, segments = _packed_batch()
+    models = {
+        mode: DecoderLM(**PACKED, scan_layers=scan_layers, backprop=mode, stream_chunk_size=5)
+        for mode in ("full", "remat", "streambp")
+    }
+    params = nn.meta.unbox(fast_jit(models["full"].init)(jax.random.key(1), tokens)["params"])
+    results = {
+        mode: fast_jit(jax.value_and_grad(_loss(m, tokens, labels, segments)))(params)
+        for mode, m in models.items()
+    }
+    want, want_g = results["full"]
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_g))
+    for mode in ("remat", "streambp"):
+        got, got_g = results[mode]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL * scale),
+            got_g,
+            want_g,
+        )
+    # Every layer's parameters get a gradient (the comparison is not between zeros).
+    layer_grads = (
+        [want_g["layers"]] if scan_layers else [want_g[f"layers_{i}"] for i in range(DEPTH)]
+    )
+    assert min(float(jnp.max(jnp.abs(g["mlp"]["wi"]["kernel"]))) for g in layer_grads) > 1e-4
+
+
+def test_bad_backprop_configuration_raises():
+    with pytest.raises(ValueError, match="unknown backprop='stream'"):
+        DecoderLM(**SMALL, backprop="stream")
+    with pytest.raises(ValueError, match="stream_chunk_size must be a positive int, got 0"):
+        DecoderLM(**SMALL, backprop="streambp", stream_chunk_size=0)
+    with pytest.raises(ValueError, match="does not support remat_policy='dots'"):
+        DecoderLM(**SMALL, backprop="streambp", remat_policy="dots")
+    with pytest.raises(ValueError, match="backprop='remat' does not combine"):
+        DecoderLM(**SMALL, backprop="remat", remat_policy="save_qkv_proj")
+    tokens = _tokens()
+    too_long = DecoderLM(**SMALL, backprop="streambp", stream_chunk_size=9)
+    with pytest.raises(ValueError, match=r"chunk_size=9 must be in \[1, sequence length 8\]"):
+        jax.eval_shape(too_long.init, jax.random.key(0), tokens)
+    model = DecoderLM(**SMALL, backprop="streambp", stream_chunk_size=4)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 7\); expected .* \(2, 8\)"):
+        model.apply(variables, tokens, tokens[:, :7])
+    with pytest.raises(ValueError, match="positions must be integers"):
+        model.apply(variables, tokens, None, tokens.astype(jnp.float32))
+
+
+def _temp_bytes(backprop: str, length: int, **kw) -> int:
+    model = DecoderLM(
+        vocab_size=64, width=32, depth=2, heads=2, mlp_dim=256, max_len=length, backprop=backprop,
+        stream_chunk_size=32, **kw,
+    )  # fmt: skip
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    params = jax.eval_shape(
+        lambda t: nn.meta.unbox(model.init(jax.random.key(0), t))["params"], tokens
+    )
+
+    def loss(p, t):
+        h = model.apply({"params": p}, t, method="hidden")
+        w = model.apply({"params": p}, method="output_kernel")
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, t.reshape(-1))
+
+    fast = {"xla_backend_optimization_level": 0}
+    compiled = (
+        jax.jit(jax.value_and_grad(loss), compiler_options=fast).lower(params, tokens).compile()
+    )
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_streambp_needs_less_temporary_memory_than_full_and_remat():
+    length = 256
+    full, remat, stream = (_temp_bytes(m, length) for m in ("full", "remat", "streambp"))
+    assert stream < 0.3 * full, (stream, full)
+    assert stream < 0.6 * remat, (stream, remat)
