@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 # TPU: the blocks of one kernel (inputs and outputs double-buffered, f32 tiles) must stay within
-# this much of the scoped VMEM (16 MiB by default on v4/v5e, 32 MiB on v6e): D is never tiled.
+# this much of the scoped VMEM (16 MiB by default on v4/v5e, 32 MiB on v6e): D is never tiled, so
+# even 128 × 128 tiles refuse D above about 3,900 (f32) / 5,900 (bf16).
 TPU_VMEM_BUDGET = 12 << 20
 
 _NN_DIMS = (((1,), (0,)), ((), ()))  # a · b
@@ -101,8 +102,8 @@ class BlockSizes:
     def get_default(cls, backend: str, t: int, d: int, v: int, dtype) -> BlockSizes:
         """Default tiles for ``backend`` ('tpu' or 'gpu') and a [t, d] × [d, v] problem.
 
-        TPU: the largest of bt ∈ (256, 128), bv ∈ (1024, 512, 256, 128) (bv first: the lane dim
-        of the MXU) whose VMEM estimate (`tpu_vmem_bytes`) fits ``TPU_VMEM_BUDGET``; the smallest
+        TPU: the largest of bt ∈ (256, 128), bv ∈ (512, 256, 128) (bv first: the lane dim of
+        the MXU) whose VMEM estimate (`tpu_vmem_bytes`) fits ``TPU_VMEM_BUDGET``; the smallest
         pair when none fits (then `plan` refuses the problem). GPU (Triton): 64 × 64 logit tiles
         and 64-wide feature chunks, so a program holds O(64·64) f32 values in registers whatever
         D. Not tuned on hardware (none was available). ``t`` and ``v`` are accepted for future
@@ -112,7 +113,7 @@ class BlockSizes:
         if backend == "tpu":
             itemsize = jnp.dtype(dtype).itemsize
             for bt in (256, 128):
-                for bv in (1024, 512, 256, 128):
+                for bv in (512, 256, 128):
                     if tpu_vmem_bytes(bt, bv, d, itemsize) <= TPU_VMEM_BUDGET:
                         return cls(bt, bv)
             return cls(128, 128)
@@ -125,11 +126,12 @@ def tpu_vmem_bytes(bt: int, bv: int, d: int, itemsize: int) -> int:
     """Upper estimate of the VMEM of the largest TPU kernel (the backward ones) for these tiles.
 
     Double-buffered h [bt, d] and w [d, bv] blocks, a double-buffered f32 gradient block of
-    [bt, d] (dh) or [bv, d] (dwᵀ), and about three live f32 [bt, bv] tiles (logits, exp, G).
+    [bt, d] (dh) or [bv, d] (dwᵀ), and six 32-bit [bt, bv] tiles for the intermediates (logits,
+    vocabulary ids, exp, G and temporaries the compiler may keep in VMEM).
     """
     inputs = 2 * (bt * d + d * bv) * itemsize
     output = 2 * max(bt, bv) * d * 4
-    return inputs + output + 3 * bt * bv * 4
+    return inputs + output + 6 * bt * bv * 4
 
 
 @dataclasses.dataclass(frozen=True)

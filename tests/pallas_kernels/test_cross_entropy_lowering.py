@@ -21,7 +21,7 @@ TARGETS = [
 ]
 T, D, V = 1000, 256, 5000
 # Default tiles pad T = 1000 to 1024 (TPU: 4 blocks of 256; GPU: 16 of 64) and V = 5000 to 5120
-# (TPU: 5 tiles of 1024) or 5056 (GPU: 79 of 64). Any array with a token and a vocabulary dim:
+# (TPU: 10 tiles of 512) or 5056 (GPU: 79 of 64). Any array with a token and a vocabulary dim:
 TOKEN_BY_VOCAB = re.compile(
     r"tensor<(1000|1024)x(5000|5056|5120)x|tensor<(5000|5056|5120)x(1000|1024)x"
 )
@@ -90,6 +90,37 @@ def test_public_entry_picks_the_kernels_for_pallas(platform, backend, custom_cal
 
     for impl in ("pallas", "auto"):
         assert len(_calls(_lowered_text(loss(impl), platform, "bfloat16"), custom_call)) == 3
+
+
+@pytest.mark.parametrize("platform,backend,custom_call", TARGETS)
+def test_sharded_tokens_lower_to_the_same_kernels_and_one_psum(
+    platform, backend, custom_call, monkeypatch, eight_devices
+):
+    # With axis_name inside shard_map over 8 devices: each device runs the three kernels on its
+    # own 125 token rows (compiled kernels, operands cast to varying), and the mean is composed
+    # around them by a psum of (Σ losses, count) plus the psum of w's gradient.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    mesh = jax.sharding.Mesh(eight_devices, ("data",))
+
+    def local(h, w, y):
+        return jaxbatch_lce(h, w, y, ignore_index=-1, implementation="pallas", axis_name="data")
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=P())
+    rows = NamedSharding(mesh, P("data"))
+    args = (
+        jax.ShapeDtypeStruct((T, D), jnp.bfloat16, sharding=rows),
+        jax.ShapeDtypeStruct((D, V), jnp.bfloat16),
+        jax.ShapeDtypeStruct((T,), jnp.int32, sharding=rows),
+    )
+    grad_fn = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))
+    text = grad_fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert len(_calls(text, custom_call)) == 3
+    assert text.count("stablehlo.all_reduce") >= 2
+    # local rows: 125 padded to one GPU block of 128 / TPU 8-row multiple (128); V padded as above
+    assert "tensor<128x256xbf16>" in text
 
 
 def test_token_by_vocab_pattern_detects_the_reference():
