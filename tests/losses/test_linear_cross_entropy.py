@@ -216,7 +216,8 @@ def test_traced_labels_out_of_range_give_nan_loss_and_gradients(implementation):
 
 def test_pallas_equals_the_naive_form_through_the_public_entry():
     # The kernels themselves are tested in tests/pallas_kernels; here the dispatch, the label
-    # rule and the chunk_size option (ignored by 'pallas') around them.
+    # rule and the chunk_size option (ignored by 'pallas') around them, with the default backend
+    # (CPU: the TPU kernels interpreted) and default tiles (one tile of 40 × 256).
     h, w, labels = _inputs(t=37, d=16, v=150)
     labels = labels.at[jnp.array([2, 30])].set(-100)
 
@@ -239,7 +240,6 @@ def test_pallas_refuses_what_the_kernels_cannot_run_and_auto_does_not_pick_it_on
         h64, w64 = h.astype(jnp.float64), w.astype(jnp.float64)
         with pytest.raises(NotImplementedError, match="got float64"):
             linear_cross_entropy(h64, w64, labels, implementation="pallas")
-        assert linear_cross_entropy(h64, w64, labels).dtype == jnp.float64  # auto -> xla
     with pytest.raises(NotImplementedError, match="share a dtype"):
         linear_cross_entropy(h, w.astype(jnp.bfloat16), labels, implementation="pallas")
 

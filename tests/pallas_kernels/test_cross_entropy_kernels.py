@@ -4,7 +4,8 @@ Both kernel families run here through the Pallas interpreter: the TPU (Mosaic) k
 grid-sequential accumulators and the GPU (Triton) kernels with their in-program loops over
 vocabulary tiles and feature chunks. The ragged cases have T and V that are not multiples of the
 tiles (the tails are masked) and ignored tokens; the one-tile cases shrink the tiles to the
-padded problem.
+padded problem. The default backend and tiles (backend None: the TPU kernels interpreted on CPU)
+are exercised through ``jaxbatch.losses.linear_cross_entropy`` in tests/losses.
 """
 
 import jax
@@ -80,12 +81,3 @@ def test_kernels_match_reference(family, t, v, blocks, dtype):
     # the same compiled program with no token counted: the empty mean is 0, the gradients 0
     value, (dh, dw) = kernel(h, w, jnp.full_like(labels, IGNORE))
     assert float(value) == 0.0 and not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
-
-
-def test_default_backend_and_blocks_run_interpreted_on_cpu():
-    # backend=None resolves to 'cpu' here, which selects the TPU kernels with interpret=True; the
-    # default tiles shrink to one tile of 16 (8-row multiple) × 128 (lanes) padded entries.
-    h, w, labels = _inputs(9, 40, "float32")
-    got = jax.jit(lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE))(h, w, labels)
-    want = linear_cross_entropy_reference(h, w, labels, ignore_index=IGNORE)
-    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
