@@ -53,7 +53,6 @@ TPU_VMEM_BUDGET = 12 << 20
 
 _NN_DIMS = (((1,), (0,)), ((), ()))  # a · b
 _NT_DIMS = (((1,), (1,)), ((), ()))  # a · bᵀ
-_TN_DIMS = (((0,), (0,)), ((), ()))  # aᵀ · b
 
 
 def check_supported_dtype(dtype) -> None:
@@ -231,11 +230,16 @@ def grad_times_w(grad: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def grad_t_times_h(grad: jax.Array, h: jax.Array) -> jax.Array:
-    """G [bt, bv]ᵀ · h [bt, d] -> [bv, d] f32 (a column block of dwᵀ); G rounded to h's dtype."""
+    """G [bt, bv]ᵀ · h [bt, d] -> [bv, d] f32 (a column block of dwᵀ); G rounded to h's dtype.
+
+    G is transposed in f32 and then cast, and the product is a plain a·b: the form of the dV
+    product in JAX's Pallas TPU flash-attention backward, rather than a contraction over both
+    operands' leading dims.
+    """
     return lax.dot_general(
-        grad.astype(h.dtype),
+        grad.T.astype(h.dtype),
         h,
-        _TN_DIMS,
+        _NN_DIMS,
         precision=dot_precision(h.dtype),
         preferred_element_type=jnp.float32,
     )
