@@ -1,13 +1,12 @@
 """Transformer building blocks shared by ViT, TextEncoder and DecoderLM (pre-LN, named axes)."""
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxbatch.nn import attention as attention_lib
 from jaxbatch.nn import remat
 from jaxbatch.nn.axes import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM, constrain, partitioned
 
@@ -40,22 +39,38 @@ def padding_mask(tokens: jax.Array, pad_id: int) -> jax.Array:
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None
 ) -> jax.Array:
-    """softmax(q·kᵀ / sqrt(d) masked) · v, with the softmax in float32.
+    """softmax(q·kᵀ / sqrt(d) masked) · v with the softmax in float32 (materialises the scores).
+
+    The legacy form of :func:`jaxbatch.nn.attention.dot_product_attention` with
+    ``implementation='reference'``: ``mask`` is broadcastable to [B, H, L_q, L_k], False entries
+    get probability 0 and a fully masked row outputs 0.
 
     Args:
       q, k, v: [B, L, H, D].
-      mask: broadcastable to [B, H, L_q, L_k]; False entries get probability 0 (a row that is
-        fully masked gets a uniform distribution instead of NaN).
+      mask: broadcastable boolean mask, or None.
 
     Returns:
       [B, L, H, D] in the dtype of ``v``.
     """
-    depth = q.shape[-1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(depth)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return attention_lib.reference_attention(q, k, v, mask=mask)
+
+
+def _dense_general(
+    module, x, features, kernel_names, bias_names, contract_ndim, dtype, param_dtype
+):
+    """x contracted over its last ``contract_ndim`` axes with module's 'kernel', plus 'bias'."""
+    shape = x.shape[-contract_ndim:] + tuple(features)
+    init = nn.initializers.variance_scaling(
+        1.0,
+        "fan_avg",
+        "uniform",
+        in_axis=tuple(range(contract_ndim)),
+        out_axis=tuple(range(contract_ndim, len(shape))),
+    )
+    kernel = module.param("kernel", partitioned(init, kernel_names), shape, param_dtype)
+    bias = module.param("bias", partitioned(_zeros, bias_names), tuple(features), param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+    return jnp.tensordot(x, kernel, axes=contract_ndim) + bias
 
 
 class DenseGeneral(nn.Module):
@@ -76,21 +91,44 @@ class DenseGeneral(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = self.contract_ndim
-        shape = x.shape[-n_in:] + tuple(self.features)
-        init = nn.initializers.variance_scaling(
-            1.0,
-            "fan_avg",
-            "uniform",
-            in_axis=tuple(range(n_in)),
-            out_axis=tuple(range(n_in, len(shape))),
+        return _dense_general(
+            self, x, self.features, self.kernel_names, self.bias_names, self.contract_ndim,
+            self.dtype, self.param_dtype,
+        )  # fmt: skip
+
+
+class _SplitHeads(nn.Module):
+    """x [..., width] -> [..., H, width / H]: a q, k or v projection (kernel 'embed', 'heads',
+    'kv'); the head dim comes from the input, so the module can be built in ``setup``."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
+        features = (self.num_heads, width // self.num_heads)
+        return _dense_general(
+            self, x, features, (EMBED, HEADS, KV), (HEADS, KV), 1, self.dtype, self.param_dtype
         )
-        kernel = self.param("kernel", partitioned(init, self.kernel_names), shape, self.param_dtype)
-        bias = self.param(
-            "bias", partitioned(_zeros, self.bias_names), tuple(self.features), self.param_dtype
+
+
+class _MergeHeads(nn.Module):
+    """y [..., H, D] -> [..., H·D]: the attention output projection (kernel 'heads', 'kv',
+    'embed')."""
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        width = y.shape[-1] * y.shape[-2]
+        return _dense_general(
+            self, y, (width,), (HEADS, KV, EMBED), (EMBED,), 2, self.dtype, self.param_dtype
         )
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.tensordot(x, kernel, axes=n_in) + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -98,33 +136,101 @@ class MultiHeadAttention(nn.Module):
 
     head_h = softmax(x W_q^h (x W_k^h)ᵀ / sqrt(d)) x W_v^h; out = concat_h(head_h) W_o.
     Kernels are named ('embed', 'heads', 'kv') for q/k/v and ('heads', 'kv', 'embed') for the
-    output; projections are tagged for the named remat policies.
+    output (parameters attn/{query,key,value,out}/{kernel,bias}); projections are tagged for the
+    named remat policies.
+
+    The masks come as ``causal`` / ``segment_ids`` [B, T] / ``key_mask`` [B, T] and go to
+    :func:`jaxbatch.nn.attention.dot_product_attention` with ``implementation=attention``, so no
+    [T, T] array is built unless the implementation is 'reference'. The legacy ``mask``
+    (broadcastable to [B, H, T, T]) is still accepted with ``attention`` 'reference' or 'auto'
+    and always runs the reference (only it takes an arbitrary mask).
+
+    For sequence-chunked backprop (StreamBP) the two halves are methods:
+    ``qkv(x) -> (q, k, v)`` and ``attend(q, k, v, ..., query_offset=...) -> y``, e.g.
+    ``mha.apply(params, x, method='qkv')``; ``__call__(x)`` is ``attend(*qkv(x))``.
+
+    Attributes:
+      num_heads: heads H (must divide the width).
+      attention: an implementation name from ``jaxbatch.nn.attention.IMPLEMENTATIONS``.
+      attention_chunk_size: the query/key block of the 'chunked' implementation.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "reference"
+    attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
 
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        width = x.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
-        head_dim = width // self.num_heads
+    def setup(self):
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(
+                f"MultiHeadAttention: unknown attention {self.attention!r}; expected one of "
+                f"{attention_lib.IMPLEMENTATIONS}"
+            )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.query = _SplitHeads(self.num_heads, **kw)
+        self.key = _SplitHeads(self.num_heads, **kw)
+        self.value = _SplitHeads(self.num_heads, **kw)
+        self.out = _MergeHeads(**kw)
 
-        def proj(name: str, tag: str) -> jax.Array:
-            y = DenseGeneral(
-                (self.num_heads, head_dim), (EMBED, HEADS, KV), (HEADS, KV), **kw, name=name
-            )(x)
-            return checkpoint_name(y, tag)
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The projections q, k, v, each [B, T, H, D], of x [B, T, width]."""
+        q = checkpoint_name(self.query(x), remat.QUERY_PROJ)
+        k = checkpoint_name(self.key(x), remat.KEY_PROJ)
+        v = checkpoint_name(self.value(x), remat.VALUE_PROJ)
+        return q, k, v
 
-        q = proj("query", remat.QUERY_PROJ)
-        k = proj("key", remat.KEY_PROJ)
-        v = proj("value", remat.VALUE_PROJ)
-        y = dot_product_attention(q, k, v, mask)  # [B, L, H, D]
-        y = DenseGeneral((width,), (HEADS, KV, EMBED), (EMBED,), 2, **kw, name="out")(y)
-        return checkpoint_name(y, remat.OUT_PROJ)
+    def attend(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        causal: bool = False,
+        query_segment_ids: jax.Array | None = None,
+        key_segment_ids: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
+        query_offset: int | jax.Array = 0,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attention of q [B, Tq, H, D] over k, v [B, Tk, H, D], then the output projection.
+
+        Masks as in :func:`jaxbatch.nn.attention.dot_product_attention` (queries at absolute
+        positions ``query_offset + i``); ``mask`` is the legacy broadcastable mask.
+        """
+        kw = dict(
+            causal=causal, query_segment_ids=query_segment_ids, key_segment_ids=key_segment_ids,
+            key_mask=key_mask, query_offset=query_offset,
+        )  # fmt: skip
+        if mask is not None:
+            if self.attention not in ("reference", "auto"):
+                raise ValueError(
+                    f"MultiHeadAttention(attention={self.attention!r}) got a [B, H, T, T]-style "
+                    "mask, which only 'reference' (or 'auto') takes; pass causal / segment_ids / "
+                    "key_mask instead"
+                )
+            y = attention_lib.reference_attention(q, k, v, mask=mask, **kw)
+        else:
+            y = attention_lib.dot_product_attention(
+                q, k, v, implementation=self.attention, chunk_size=self.attention_chunk_size, **kw
+            )
+        return checkpoint_name(self.out(y), remat.OUT_PROJ)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        segment_ids: jax.Array | None = None,
+        key_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Self-attention of x [B, T, width]; ``segment_ids`` serve as query and key ids."""
+        q, k, v = self.qkv(x)
+        return self.attend(
+            q, k, v, causal=causal, query_segment_ids=segment_ids, key_segment_ids=segment_ids,
+            key_mask=key_mask, mask=mask,
+        )  # fmt: skip
 
 
 class MlpBlock(nn.Module):
@@ -159,17 +265,34 @@ class MlpBlock(nn.Module):
 
 
 def pre_ln_block(
-    block: nn.Module, x: jax.Array, mask: jax.Array | None, *, deterministic: bool
+    block: nn.Module,
+    x: jax.Array,
+    mask: jax.Array | None,
+    *,
+    deterministic: bool,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    key_mask: jax.Array | None = None,
 ) -> jax.Array:
     """The body of a pre-LN transformer block, built inside ``block``'s compact method.
 
-    x = x + dropout(attn(LN(x), mask)); x = x + dropout(mlp(LN(x))); the result is constrained to
-    the logical axes ('batch', 'length', 'embed'). ``block`` supplies num_heads, mlp_dim, dropout,
-    dtype and param_dtype; the sub-layers are named ln_attn, attn, ln_mlp, mlp.
+    x = x + dropout(attn(LN(x), masks)); x = x + dropout(mlp(LN(x))); the result is constrained
+    to the logical axes ('batch', 'length', 'embed'). ``block`` supplies num_heads, mlp_dim,
+    dropout, dtype, param_dtype and optionally attention / attention_chunk_size (defaults
+    'reference', 512); the sub-layers are named ln_attn, attn, ln_mlp, mlp. ``mask`` is the legacy
+    broadcastable mask; ``causal`` / ``segment_ids`` / ``key_mask`` build no [T, T] array.
     """
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
     h = layer_norm(**kw, name="ln_attn")(x)
-    h = MultiHeadAttention(block.num_heads, **kw, name="attn")(h, mask)
+    h = MultiHeadAttention(
+        block.num_heads,
+        **kw,
+        attention=getattr(block, "attention", "reference"),
+        attention_chunk_size=getattr(
+            block, "attention_chunk_size", attention_lib.DEFAULT_CHUNK_SIZE
+        ),
+        name="attn",
+    )(h, mask, causal=causal, segment_ids=segment_ids, key_mask=key_mask)
     x = x + nn.Dropout(block.dropout)(h, deterministic=deterministic)
     h = layer_norm(**kw, name="ln_mlp")(x)
     h = MlpBlock(block.mlp_dim, block.dropout, **kw, name="mlp")(h, deterministic=deterministic)

@@ -8,6 +8,7 @@ specs; 'pallas_tpu' and 'cudnn' are also lowered for TPU / CUDA and their custom
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -404,3 +405,68 @@ def test_bad_input_is_a_clear_error(change, match):
     q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
     with pytest.raises(ValueError, match=match):
         attn.dot_product_attention(q, k, v, **args)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def _mha(attention="reference", chunk=8):
+    from jaxbatch.nn.layers import MultiHeadAttention
+
+    return MultiHeadAttention(num_heads=2, attention=attention, attention_chunk_size=chunk)
+
+
+def _layer_inputs(t=13, width=8):
+    x = jax.random.normal(jax.random.key(3), (B, t, width))
+    seg = _segments(t, seed=4)
+    return x, dict(causal=True, segment_ids=seg, key_mask=_key_mask(t, seed=5, empty_row=False))
+
+
+def test_layer_chunked_equals_reference_and_keeps_parameter_paths():
+    x, kw = _layer_inputs()
+    params = nn.meta.unbox(_mha().init(jax.random.key(0), x, **kw))
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    names = [(m, n) for m in ("query", "key", "value", "out") for n in ("kernel", "bias")]
+    assert paths == {f"['params']['{m}']['{n}']" for m, n in names}
+
+    def loss(params, x, attention):
+        return jnp.sum(jnp.sin(_mha(attention).apply(params, x, **kw)))
+
+    ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (l_ref, g_ref), (l_chk, g_chk) = ref(params, x, "reference"), ref(params, x, "chunked")
+    np.testing.assert_allclose(l_chk, l_ref, **F32_TOL)
+    for a, b in zip(jax.tree.leaves(g_chk), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, **F32_TOL)
+
+
+def test_layer_qkv_and_attend_on_a_query_chunk_give_the_rows_of_the_full_call():
+    # StreamBP's use: project once, attend a chunk of queries against the key prefix.
+    x, kw = _layer_inputs()
+    mha = _mha("chunked", chunk=4)
+    params = mha.init(jax.random.key(0), x, **kw)
+    full = mha.apply(params, x, **kw)
+    q, k, v = mha.apply(params, x, method="qkv")
+    assert q.shape == (B, 13, 2, 4)
+    seg, start, stop = kw["segment_ids"], 5, 9
+    chunk = mha.apply(
+        params, q[:, start:stop], k[:, :stop], v[:, :stop], method="attend", causal=True,
+        query_segment_ids=seg[:, start:stop], key_segment_ids=seg[:, :stop],
+        key_mask=kw["key_mask"][:, :stop], query_offset=start,
+    )  # fmt: skip
+    np.testing.assert_allclose(chunk, full[:, start:stop], **F32_TOL)
+
+
+def test_layer_legacy_mask_runs_the_reference_and_is_refused_by_chunked():
+    x, kw = _layer_inputs()
+    params = _mha().init(jax.random.key(0), x, **kw)
+    t = x.shape[1]
+    legacy = jnp.tril(jnp.ones((t, t), bool))[None, None] & kw["key_mask"][:, None, None, :]
+    seg = kw["segment_ids"]
+    legacy = legacy & (seg[:, None, :, None] == seg[:, None, None, :])
+    np.testing.assert_allclose(
+        _mha("auto").apply(params, x, legacy), _mha("chunked").apply(params, x, **kw), **F32_TOL
+    )
+    with pytest.raises(ValueError, match="only 'reference'"):
+        _mha("chunked").apply(params, x, legacy)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        _mha("flash").init(jax.random.key(0), x)
