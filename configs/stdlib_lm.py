@@ -7,6 +7,14 @@ Run (a few minutes on a 2-core CPU):
 Expected: held-out ≈ 3.0 bits per byte, against 8 for a uniform byte model (see README
 "Results"; the number there comes from that command). ``get_config('adamw')`` swaps LAMB for AdamW
 with the same schedule; ``get_config('runlocal')`` is a seconds-long variant for tests.
+
+Long context: ``get_config('long')`` trains on 1,024-byte sequences (batch 8, 300 steps) with
+``model.backprop='streambp'`` (exact sequence-chunked backprop, chunks of 128), and
+``get_config('long_remat')`` is the same run with per-block remat; the two loss curves should
+agree to float noise (the gradients are the same up to summation order):
+
+  jaxbatch train --config configs/stdlib_lm.py:long --workdir runs/stdlib_lm_long
+  jaxbatch train --config configs/stdlib_lm.py:long_remat --workdir runs/stdlib_lm_long_remat
 """
 
 from jaxbatch.train.config import default_config
@@ -49,7 +57,23 @@ def get_config(arg: str | None = None):
     c.eval_every_steps = 50
     c.checkpoint_every_steps = 50
 
-    if arg == "adamw":
+    if arg in ("long", "long_remat"):
+        length = 1024
+        c.dataset.options.seq_len = length
+        c.model.max_len = length
+        c.model.backprop = "streambp" if arg == "long" else "remat"
+        c.model.stream_chunk_size = 128
+        c.model.attention = "auto"
+        c.batch_size = 8
+        c.reference_batch_size = 8
+        c.total_samples = 8 * 300
+        c.optimizer.learning_rate = 5e-3
+        c.schedule.warmup_samples = 8 * 30
+        c.eval_batch_size = 16
+        c.log_every_steps = 10
+        c.eval_every_steps = 100
+        c.checkpoint_every_steps = 100
+    elif arg == "adamw":
         c.optimizer.name = "adamw"
         c.optimizer.learning_rate = 3e-3
     elif arg == "runlocal":

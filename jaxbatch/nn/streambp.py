@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbatch.nn import attention as attention_lib
 from jaxbatch.nn import layers
 from jaxbatch.nn.axes import BATCH, EMBED, HEADS, KV, LENGTH, constrain
 
@@ -219,16 +220,23 @@ def streambp_stack(
     return x
 
 
-def _offset_attention(q, k, v, segment_ids, start):
+def _offset_attention(q, k, v, segment_ids, start, implementation, chunk_size):
     """Attention of the queries at positions start..start+c-1 over the keys 0..T-1: causal, and
     within a segment when ``segment_ids`` [B, T] is given; ``start`` may be traced."""
-    c, t = q.shape[1], k.shape[1]
-    allowed = jnp.arange(t)[None, :] <= start + jnp.arange(c)[:, None]  # [c, T]
-    mask = allowed[None, None]
+    seg_q = None
     if segment_ids is not None:
-        seg_q = lax.dynamic_slice_in_dim(segment_ids, start, c, axis=1)
-        mask = mask & (seg_q[:, None, :, None] == segment_ids[:, None, None, :])
-    return layers.dot_product_attention(q, k, v, mask)
+        seg_q = lax.dynamic_slice_in_dim(segment_ids, start, q.shape[1], axis=1)
+    return attention_lib.dot_product_attention(
+        q,
+        k,
+        v,
+        causal=True,
+        query_segment_ids=seg_q,
+        key_segment_ids=segment_ids,
+        query_offset=start,
+        implementation=implementation,
+        chunk_size=chunk_size,
+    )
 
 
 def pre_ln_block_fns(
@@ -249,7 +257,6 @@ def pre_ln_block_fns(
     x + mlp(LN_mlp(x)) for the chunk, with the same sub-modules (and so the same numbers) as the
     block itself. The auxiliary input is the segment ids [B, T] of packed sequences, or None.
     """
-    del attention, attention_chunk_size  # used once jaxbatch.nn.attention lands
     kw = dict(dtype=dtype, param_dtype=param_dtype, parent=None)
     norm = nn.LayerNorm(**kw)
     mlp = layers.MlpBlock(mlp_dim, 0.0, **kw)
@@ -268,7 +275,8 @@ def pre_ln_block_fns(
         k, v = kv
         width = z_c.shape[-1]
         h = norm.apply({"params": params["ln_attn"]}, z_c)
-        y = _offset_attention(proj(params["attn"]["query"], h), k, v, segment_ids, start)
+        q = proj(params["attn"]["query"], h)
+        y = _offset_attention(q, k, v, segment_ids, start, attention, attention_chunk_size)
         out = layers.DenseGeneral((width,), (HEADS, KV, EMBED), (EMBED,), 2, **kw)
         x = z_c + out.apply({"params": params["attn"]["out"]}, y)
         h = norm.apply({"params": params["ln_mlp"]}, x)

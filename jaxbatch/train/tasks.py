@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jaxbatch import data as jdata
 from jaxbatch import losses, parallel
 from jaxbatch.losses.linear_cross_entropy import IMPLEMENTATIONS as _LCE_IMPLEMENTATIONS
+from jaxbatch.nn.decoder_lm import segment_positions
 from jaxbatch.train.models import build_model
 from jaxbatch.train.task_base import Batch, Task, split_variables
 from jaxbatch.train.tasks_mlm import mlm_task
@@ -255,6 +256,15 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     output kernel (token chunks of ``config.loss.block_size``, 0 = its default), so the training
     step never holds the logits of the whole batch.
 
+    The batch: 'tokens' int [B, L+1] (inputs tokens[:, :-1], labels tokens[:, 1:]); a padding
+    token is -1 (the loss's ``ignore_index``): it counts in no loss and enters the model as id 0.
+    Optional 'segment_ids' int [B, L+1] pack several sequences in a row: a token attends only to
+    its own segment, positions restart at each segment, and the last token of a segment predicts
+    nothing.
+    ``config.model.backprop`` ('full', 'remat', 'streambp') changes how the model's gradient is
+    formed, not this loss: with 'streambp' the blocks' backward runs in sequence chunks inside the
+    model (``jaxbatch.nn.streambp``) and the head's in token chunks here.
+
     With the batch sharded over data × fsdp, the chunked loss runs inside ``jax.shard_map``: each
     device chunks its own token rows against the whole output kernel (gathered like any FSDP
     parameter) and the loss is Σ losses / Σ tokens over the devices, so the hidden states are
@@ -269,6 +279,7 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     chunked = implementation != "reference"
     chunk_size = cfg.loss.block_size or None
     shards = _batch_shards(mesh)
+    ignore_index = -1  # the label of padding; not a vocabulary id
     if not chunked:
         choice = "reference", "config.loss.implementation='reference': the [B, L, V] logits"
     else:
@@ -277,12 +288,35 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
             reason += f", each device's token rows (shard_map over data × fsdp = {shards})"
         choice = "xla", reason
 
-    def init_fn(rng, batch):
-        return model.init(rng, batch["tokens"][:, :-1])
+    def model_inputs(batch):
+        """(model args, labels [B, L]) of a batch."""
+        tokens = batch["tokens"]
+        inputs = jnp.where(tokens[:, :-1] == ignore_index, 0, tokens[:, :-1])
+        labels = tokens[:, 1:]
+        segment_ids = batch.get("segment_ids")
+        if segment_ids is None:
+            return (inputs,), labels
+        if segment_ids.shape != tokens.shape:
+            raise ValueError(
+                f"batch['segment_ids'] has shape {segment_ids.shape}; expected the tokens' shape "
+                f"{tokens.shape} [B, L+1]"
+            )
+        same = segment_ids[:, 1:] == segment_ids[:, :-1]
+        labels = jnp.where(same, labels, ignore_index)
+        seg = segment_ids[:, :-1]
+        return (inputs, seg, segment_positions(seg)), labels
 
-    def token_losses(params_or_vars, tokens):
-        logits = model.apply(params_or_vars, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    def init_fn(rng, batch):
+        return model.init(rng, model_inputs(batch)[0][0])
+
+    def token_losses(params_or_vars, batch):
+        """(per-token losses [B, L], valid [B, L]) from the [B, L, V] logits."""
+        args, labels = model_inputs(batch)
+        logits = model.apply(params_or_vars, *args)
+        valid = labels != ignore_index
+        safe = jnp.where(valid, labels, 0)
+        losses_ = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+        return jnp.where(valid, losses_, 0.0), valid
 
     def chunked_loss(h, w, labels, axis_name=None):
         return losses.linear_cross_entropy(
@@ -290,30 +324,34 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
             w,
             labels.reshape(-1),
             chunk_size=chunk_size,
+            ignore_index=ignore_index,
             implementation=implementation,
             axis_name=axis_name,
         )
 
-    def mean_loss(variables, tokens):
+    def mean_loss(variables, batch):
         if not chunked:
-            return token_losses(variables, tokens).mean()
-        h = model.apply(variables, tokens[:, :-1], method="hidden").astype(model.dtype)
+            per_token, valid = token_losses(variables, batch)
+            return per_token.sum() / jnp.maximum(valid.sum(), 1)
+        args, labels = model_inputs(batch)
+        h = model.apply(variables, *args, method="hidden").astype(model.dtype)
         w = model.apply(variables, method="output_kernel").astype(model.dtype)
         if shards == 1:
-            return chunked_loss(h, w, tokens[:, 1:])
+            return chunked_loss(h, w, labels)
         rows = P(parallel.BATCH_AXES)
         local = functools.partial(chunked_loss, axis_name=parallel.BATCH_AXES)
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), rows), out_specs=P())(
-            h, w, tokens[:, 1:]
+            h, w, labels
         )
 
     def loss_fn(params, model_state, batch, rng):
         del rng
-        loss = mean_loss({"params": params, **model_state}, batch["tokens"])
+        loss = mean_loss({"params": params, **model_state}, batch)
         return loss, ({}, model_state)
 
     def eval_fn(variables, batch):
-        return {"loss": token_losses(variables, batch["tokens"]).mean(axis=-1)}
+        per_token, valid = token_losses(variables, batch)
+        return {"loss": per_token.sum(axis=-1) / jnp.maximum(valid.sum(axis=-1), 1)}
 
     def summarize(out):
         loss = float(out["loss"].mean())
