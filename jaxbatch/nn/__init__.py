@@ -4,7 +4,9 @@ Models: :class:`GhostBatchNorm`, :class:`ResNet` (``resnet18``, ``resnet50``, ``
 :class:`ViT`, :class:`TextEncoder`, :class:`NgramBagEncoder`, :class:`SubtokenBagEncoder`,
 :class:`DualEncoder`, :class:`DecoderLM`, :class:`BertMLM`;
 remat policies by name
-in :mod:`jaxbatch.nn.remat`. Every model takes ``dtype`` (compute) and ``param_dtype``.
+in :mod:`jaxbatch.nn.remat`; attention implementations ('reference', 'chunked', 'cudnn',
+'pallas_tpu', 'auto') in :mod:`jaxbatch.nn.attention`. Every model takes ``dtype`` (compute)
+and ``param_dtype``.
 
 Logical axis names. Every parameter is created through ``nn.with_logical_partitioning`` so
 ``init`` returns ``nn.LogicallyPartitioned`` boxes and ``nn.get_partition_spec`` yields a spec
@@ -34,7 +36,8 @@ features. Batch-norm running statistics ('batch_stats') are plain arrays, exactl
 ``flax.linen.BatchNorm`` (replicated).
 """
 
-from jaxbatch.nn import remat
+from jaxbatch.nn import attention, remat
+from jaxbatch.nn.attention import choose_attention_implementation, dot_product_attention
 from jaxbatch.nn.axes import LOGICAL_AXES
 from jaxbatch.nn.bert import BertBlock, BertMLM
 from jaxbatch.nn.decoder_lm import DecoderBlock, DecoderLM
@@ -84,6 +87,9 @@ __all__ = [
     "get_policy",
     "l2_normalize",
     "remat",
+    "attention",
+    "choose_attention_implementation",
+    "dot_product_attention",
     "resnet18",
     "resnet50",
     "resnet_cifar",

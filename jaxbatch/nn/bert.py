@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
+from jaxbatch.nn import attention as attention_lib
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
-from jaxbatch.nn.layers import MlpBlock, MultiHeadAttention, layer_norm, padding_mask
+from jaxbatch.nn.layers import MlpBlock, MultiHeadAttention, layer_norm
 from jaxbatch.nn.remat import get_policy, remat_module
 
 BERT_PAD_ID = 0
@@ -16,8 +17,9 @@ BERT_PAD_ID = 0
 class BertBlock(nn.Module):
     """One post-LN encoder block (Vaswani et al. 2017, Section 3.1; as in BERT).
 
-    x = LN(x + dropout(attn(x, key mask))); x = LN(x + dropout(mlp(x))). The signature
-    ``(carry, mask) -> (carry, None)`` is the one ``nn.scan`` needs (the mask is broadcast).
+    x = LN(x + dropout(attn(x, key_mask))); x = LN(x + dropout(mlp(x))). The signature
+    ``(carry, key_mask) -> (carry, None)`` is the one ``nn.scan`` needs (key_mask bool [B, L],
+    False on padding, is broadcast over the layers).
     """
 
     num_heads: int
@@ -26,11 +28,19 @@ class BertBlock(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "auto"
+    attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = MultiHeadAttention(self.num_heads, **kw, name="attn")(x, mask)
+        h = MultiHeadAttention(
+            self.num_heads,
+            **kw,
+            attention=self.attention,
+            attention_chunk_size=self.attention_chunk_size,
+            name="attn",
+        )(x, key_mask=key_mask)
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
         x = layer_norm(**kw, name="ln_attn")(x + h)
         h = MlpBlock(self.mlp_dim, self.dropout, **kw, name="mlp")(
@@ -44,14 +54,16 @@ class BertBlock(nn.Module):
 class BertMLM(nn.Module):
     """BERT encoder with the masked-LM head, evaluated only at the masked positions.
 
-    z_0 = LN(E[ids] + P[:L]);  z_l = post-LN block(z_{l-1}, key mask = ids != pad_id);
+    z_0 = LN(E[ids] + P[:L]);  z_l = post-LN block(z_{l-1}, key_mask = ids != pad_id);
     h_p = z_depth at masked position p;  t_p = LN(gelu(h_p W_t + b_t));
     logits_p = t_p Eᵀ + b_out  (output embedding tied to the input one).
 
     Gathering the P masked positions before the vocabulary projection (P = 20 of 128 or 80 of 512
     tokens in BERT's pre-training data) keeps the logits at [B, P, V] instead of [B, L, V]. There is
     no segment embedding and no next-sentence head: the LAMB runs of jaxbatch train the MLM
-    objective alone (as RoBERTa, Liu et al. 2019, found sufficient).
+    objective alone (as RoBERTa, Liu et al. 2019, found sufficient). Padding reaches attention
+    as a key_mask [B, L], so with ``attention`` other than 'reference' no [L, L] mask or score
+    matrix is built (``jaxbatch.nn.attention``).
 
     References:
       Devlin, Chang, Lee, Toutanova 2019, "BERT: Pre-training of Deep Bidirectional Transformers
@@ -70,6 +82,10 @@ class BertMLM(nn.Module):
       pad_id: the padding token id (masked out as attention key).
       scan_layers: stack the blocks with ``nn.scan`` (leading parameter axis 'layers').
       remat_policy: a name from ``jaxbatch.nn.remat.POLICY_NAMES``.
+      attention: a name from ``jaxbatch.nn.attention.IMPLEMENTATIONS`` ('auto': the Pallas
+        splash kernel on TPU, the chunked XLA attention elsewhere, since cuDNN takes no general
+        key mask; see ``choose_attention_implementation``).
+      attention_chunk_size: query/key block of the 'chunked' attention.
       dtype: compute dtype (logits are returned in float32).
       param_dtype: parameter dtype.
     """
@@ -84,11 +100,21 @@ class BertMLM(nn.Module):
     pad_id: int = BERT_PAD_ID
     scan_layers: bool = True
     remat_policy: str = "none"
+    attention: str = "auto"
+    attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ValueError(
+                f"BertMLM: unknown attention {self.attention!r}; expected one of "
+                f"{attention_lib.IMPLEMENTATIONS}"
+            )
+        chunk = self.attention_chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+            raise ValueError(f"BertMLM: attention_chunk_size must be a positive int, got {chunk!r}")
         if self.width % self.heads:
             raise ValueError(f"BertMLM: width={self.width} is not divisible by heads={self.heads}")
         if self.depth < 1:
@@ -128,13 +154,15 @@ class BertMLM(nn.Module):
         x = layer_norm(**kw, name="embed_norm")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = constrain(x, (BATCH, LENGTH, EMBED))
-        mask = padding_mask(input_ids, self.pad_id)
+        key_mask = input_ids != self.pad_id  # [B, L]
         block_cls = remat_module(BertBlock, self.remat_policy, prevent_cse=not self.scan_layers)
         block_kw = dict(
             num_heads=self.heads,
             mlp_dim=self.mlp_dim,
             dropout=self.dropout,
             deterministic=not train,
+            attention=self.attention,
+            attention_chunk_size=self.attention_chunk_size,
             **kw,
         )
         if self.scan_layers:
@@ -146,10 +174,10 @@ class BertMLM(nn.Module):
                 in_axes=nn.broadcast,
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
-            )(**block_kw, name="layers")(x, mask)
+            )(**block_kw, name="layers")(x, key_mask)
         else:
             for i in range(self.depth):
-                x, _ = block_cls(**block_kw, name=f"layers_{i}")(x, mask)
+                x, _ = block_cls(**block_kw, name=f"layers_{i}")(x, key_mask)
         h = jnp.take_along_axis(x, masked_positions[..., None].astype(jnp.int32), axis=1)
         h = nn.Dense(
             self.width,
