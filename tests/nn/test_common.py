@@ -114,6 +114,16 @@ def _lm_unrolled_tied(dtype, param_dtype):
     return _lm(dtype, param_dtype, scan_layers=False, tie_embeddings=True, remat_policy="full")
 
 
+def _bert(dtype, param_dtype):
+    # attention='auto': the chunked attention on this CPU host, padding as a key_mask
+    model = jnn.BertMLM(
+        vocab_size=50, width=8, depth=2, heads=2, mlp_dim=16, max_len=8, dtype=dtype,
+        param_dtype=param_dtype,
+    )  # fmt: skip
+    positions = jnp.tile(jnp.array([[0, 2]]), (B, 1))
+    return model, (_tokens(vocab=50), positions), {"train": True}, lambda y: _xent(y, _labels())
+
+
 CASES = {
     "resnet_batch": _resnet,
     "resnet_ghost": _resnet_ghost,
@@ -125,6 +135,7 @@ CASES = {
     "dual_encoder_images": _dual_encoder_images,
     "decoder_lm_scan": _lm,
     "decoder_lm_unrolled_tied": _lm_unrolled_tied,
+    "bert_mlm": _bert,
 }
 
 
@@ -140,6 +151,7 @@ EXPECTED_OUTPUT_SHAPES = {
     "dual_encoder_images": [(B, 6), (B, 6), ()],  # logit_bias is None: not a leaf
     "decoder_lm_scan": [(B, 6, 258)],
     "decoder_lm_unrolled_tied": [(B, 6, 258)],
+    "bert_mlm": [(B, 2, 50)],
 }
 
 
@@ -226,7 +238,9 @@ def test_forward_shapes_and_every_param_has_logical_axis_names(name):
         assert isinstance(spec, jax.sharding.PartitionSpec)
 
 
-@pytest.mark.parametrize("name", ["resnet_batch", "dual_encoder_images", "decoder_lm_scan"])
+@pytest.mark.parametrize(
+    "name", ["resnet_batch", "dual_encoder_images", "decoder_lm_scan", "bert_mlm"]
+)
 def test_dtype_and_param_dtype(name, fast_jit):
     model, args, kwargs, _ = CASES[name](jnp.bfloat16, jnp.bfloat16)
 
@@ -241,7 +255,8 @@ def test_dtype_and_param_dtype(name, fast_jit):
     param_dtypes = {leaf.dtype for leaf in jax.tree.leaves(params)}
     assert param_dtypes == {jnp.dtype(jnp.bfloat16)}
     first = out[0] if isinstance(out, tuple) else out
-    # Classifiers compute in bf16; the LM and the dual encoder return float32 by design.
-    expected = jnp.float32 if name in ("dual_encoder_images", "decoder_lm_scan") else jnp.bfloat16
+    # Classifiers compute in bf16; the LMs and the dual encoder return float32 by design.
+    float32_out = ("dual_encoder_images", "decoder_lm_scan", "bert_mlm")
+    expected = jnp.float32 if name in float32_out else jnp.bfloat16
     assert first.dtype == expected
     assert np.all(np.isfinite(np.asarray(first, np.float32)))
