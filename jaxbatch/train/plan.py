@@ -67,6 +67,7 @@ class Plan:
       flops: floating-point operations of one step divided by the number of devices
         (``step_flops``: XLA cost analysis of the step with its loops unrolled).
       collectives: number of each collective op in the compiled program.
+      remat: the model's rematerialisation choices (:func:`remat_summary`).
     """
 
     devices: int
@@ -85,6 +86,7 @@ class Plan:
     temp_bytes: int
     flops: float
     collectives: dict[str, int]
+    remat: str = "none"
 
     @property
     def state_bytes(self) -> int:
@@ -204,7 +206,36 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None
         temp_bytes=int(memory.temp_size_in_bytes),
         flops=step_flops(cfg, devices=devices) / run.mesh.devices.size,
         collectives=count_collectives(compiled.as_text()),
+        remat=remat_summary(cfg.model.to_dict()),
     )
+
+
+_REMAT_KEYS = ("remat_policy", "backprop")
+
+
+def remat_summary(model: dict[str, Any]) -> str:
+    """The model's remat choices, from its config section (and its towers').
+
+    Reads ``remat_policy`` (a name of ``jaxbatch.nn.remat.POLICY_NAMES``, or one per ResNet stage)
+    and ``backprop`` ('full', 'remat', 'streambp') wherever they are set, prefixed by the path of
+    the sub-model that sets them: 'remat_policy=full', or 'x_encoder.remat_policy=full,
+    y_encoder.remat_policy=none' for a dual encoder. 'none' when nothing is set.
+    """
+    found = []
+
+    def walk(section: dict[str, Any], prefix: str) -> None:
+        for key in _REMAT_KEYS:
+            if key in section:
+                value = section[key]
+                if isinstance(value, list | tuple):
+                    value = "(" + ", ".join(str(v) for v in value) + ")"
+                found.append(f"{prefix}{key}={value}")
+        for key, value in section.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+
+    walk(model, "")
+    return ", ".join(found) if found else "none"
 
 
 def _unrolled(section: dict) -> dict:
@@ -310,6 +341,7 @@ def format_plan(p: Plan, *, title: str = "") -> str:
         ("temporaries (activations, grads)", format_bytes(p.temp_bytes)),
         ("peak (args + out - alias + temp)", format_bytes(p.peak_bytes)),
         ("FLOPs per step per device", f"{p.flops:.4g}"),
+        ("remat", p.remat),
         ("collectives", ", ".join(f"{k} {v}" for k, v in p.collectives.items())),
     ]
     width = max(len(k) for k, _ in rows)
@@ -333,7 +365,7 @@ def format_batch_table(plans: Sequence[Plan], budget_bytes: int, best: int | Non
 
 
 def plan_to_dict(p: Plan) -> dict[str, Any]:
-    """The plan as JSON-ready values, with the derived totals."""
+    """The plan as JSON-ready values, with the derived totals (and the remat choices)."""
     out = dataclasses.asdict(p)
     out.update(state_bytes=p.state_bytes, peak_bytes=p.peak_bytes)
     return out
