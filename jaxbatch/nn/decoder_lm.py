@@ -7,7 +7,7 @@ from flax.typing import Dtype
 
 from jaxbatch.nn import streambp
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
-from jaxbatch.nn.layers import causal_mask, layer_norm, pre_ln_block
+from jaxbatch.nn.layers import layer_norm, pre_ln_block
 from jaxbatch.nn.remat import get_policy, remat_module
 
 BACKPROP_MODES = ("full", "remat", "streambp")
@@ -27,7 +27,8 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class DecoderBlock(nn.Module):
-    """One causal pre-LN block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` needs."""
+    """One causal pre-LN block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` needs
+    (x: the segment ids of packed sequences or None, the same for every layer)."""
 
     num_heads: int
     mlp_dim: int
@@ -41,10 +42,8 @@ class DecoderBlock(nn.Module):
     def __call__(
         self, x: jax.Array, segment_ids: jax.Array | None = None
     ) -> tuple[jax.Array, None]:
-        mask = causal_mask(x.shape[1])
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        return pre_ln_block(self, x, mask, deterministic=True), None
+        y = pre_ln_block(self, x, None, deterministic=True, causal=True, segment_ids=segment_ids)
+        return y, None
 
 
 class DecoderLM(nn.Module):

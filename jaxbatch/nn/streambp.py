@@ -44,9 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbatch.nn import attention as attention_lib
 from jaxbatch.nn import layers
-from jaxbatch.nn.axes import BATCH, EMBED, HEADS, KV, LENGTH, constrain
+from jaxbatch.nn.axes import BATCH, EMBED, LENGTH, constrain
 
 PreFn = Callable[[Any, jax.Array, Any], Any]
 ChunkFn = Callable[[Any, jax.Array, Any, Any, jax.Array], jax.Array]
@@ -220,25 +219,6 @@ def streambp_stack(
     return x
 
 
-def _offset_attention(q, k, v, segment_ids, start, implementation, chunk_size):
-    """Attention of the queries at positions start..start+c-1 over the keys 0..T-1: causal, and
-    within a segment when ``segment_ids`` [B, T] is given; ``start`` may be traced."""
-    seg_q = None
-    if segment_ids is not None:
-        seg_q = lax.dynamic_slice_in_dim(segment_ids, start, q.shape[1], axis=1)
-    return attention_lib.dot_product_attention(
-        q,
-        k,
-        v,
-        causal=True,
-        query_segment_ids=seg_q,
-        key_segment_ids=segment_ids,
-        query_offset=start,
-        implementation=implementation,
-        chunk_size=chunk_size,
-    )
-
-
 def pre_ln_block_fns(
     *,
     num_heads: int,
@@ -252,33 +232,45 @@ def pre_ln_block_fns(
     :func:`streambp_layer` on that block's parameter tree {ln_attn, attn/{query, key, value, out},
     ln_mlp, mlp/{wi, wo}}.
 
-    pre_fn(θ, z, seg) = (K, V) of LN_attn(z) for the whole sequence; chunk_fn computes
-    x = z_c + W_o·attn(Q(LN_attn(z_c)), K, V) (causal from the chunk's offset), then
-    x + mlp(LN_mlp(x)) for the chunk, with the same sub-modules (and so the same numbers) as the
-    block itself. The auxiliary input is the segment ids [B, T] of packed sequences, or None.
+    pre_fn(θ, z, seg) = (K, V) of LN_attn(z) for the whole sequence (``MultiHeadAttention.qkv``);
+    chunk_fn computes x = z_c + W_o·attn(Q(LN_attn(z_c)), K, V) (``MultiHeadAttention.attend``,
+    causal from the chunk's offset, within the segment), then x + mlp(LN_mlp(x)), with the
+    block's own sub-modules (and so the same numbers). The auxiliary input is the segment ids
+    [B, T] of packed sequences, or None. ``attention`` / ``attention_chunk_size``: the attention
+    implementation (``jaxbatch.nn.attention``) and its block.
     """
     kw = dict(dtype=dtype, param_dtype=param_dtype, parent=None)
     norm = nn.LayerNorm(**kw)
     mlp = layers.MlpBlock(mlp_dim, 0.0, **kw)
-
-    def proj(p, h):
-        head_dim = h.shape[-1] // num_heads
-        dense = layers.DenseGeneral((num_heads, head_dim), (EMBED, HEADS, KV), (HEADS, KV), **kw)
-        return dense.apply({"params": p}, h)
+    mha = layers.MultiHeadAttention(
+        num_heads, attention=attention, attention_chunk_size=attention_chunk_size, **kw
+    )
 
     def pre_fn(params, z, segment_ids):
         del segment_ids
         h = norm.apply({"params": params["ln_attn"]}, z)
-        return proj(params["attn"]["key"], h), proj(params["attn"]["value"], h)
+        _, k, v = mha.apply({"params": params["attn"]}, h, method="qkv")  # q is dead code
+        return k, v
 
     def chunk_fn(params, z_c, kv, segment_ids, start):
         k, v = kv
-        width = z_c.shape[-1]
         h = norm.apply({"params": params["ln_attn"]}, z_c)
-        q = proj(params["attn"]["query"], h)
-        y = _offset_attention(q, k, v, segment_ids, start, attention, attention_chunk_size)
-        out = layers.DenseGeneral((width,), (HEADS, KV, EMBED), (EMBED,), 2, **kw)
-        x = z_c + out.apply({"params": params["attn"]["out"]}, y)
+        q, _, _ = mha.apply({"params": params["attn"]}, h, method="qkv")
+        seg_q = None
+        if segment_ids is not None:
+            seg_q = lax.dynamic_slice_in_dim(segment_ids, start, z_c.shape[1], axis=1)
+        y = mha.apply(
+            {"params": params["attn"]},
+            q,
+            k,
+            v,
+            causal=True,
+            query_segment_ids=seg_q,
+            key_segment_ids=segment_ids,
+            query_offset=start,
+            method="attend",
+        )
+        x = z_c + y
         h = norm.apply({"params": params["ln_mlp"]}, x)
         x = x + mlp.apply({"params": params["mlp"]}, h, deterministic=True)
         return constrain(x, (BATCH, LENGTH, EMBED))
