@@ -81,7 +81,9 @@ def _plan(args: argparse.Namespace, overrides: list[str], argv: Sequence[str]) -
     if args.mesh:
         cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1, **parallel.parse_mesh_spec(args.mesh)})
     title = f"plan of {args.config} on {args.devices} simulated devices"
-    if args.batch_sizes:
+    if args.max_seq_len:
+        result = _plan_sequence(args, cfg)
+    elif args.batch_sizes:
         if not args.memory_budget:
             raise ValueError("--batch-sizes needs --memory-budget (e.g. 16GiB)")
         budget = plan_lib.parse_bytes(args.memory_budget)
@@ -103,6 +105,27 @@ def _plan(args: argparse.Namespace, overrides: list[str], argv: Sequence[str]) -
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "overrides": overrides, **result}, f, indent=2)
     return 0
+
+
+def _plan_sequence(args: argparse.Namespace, cfg) -> dict:
+    from jaxbatch.train import plan as plan_lib
+    from jaxbatch.train import plan_sequence
+
+    if not args.memory_budget:
+        raise ValueError("--max-seq-len needs --memory-budget (e.g. 16GiB)")
+    if args.batch_sizes:
+        raise ValueError("--max-seq-len and --batch-sizes are separate searches; give one")
+    budget = plan_lib.parse_bytes(args.memory_budget)
+    modes = [m.strip() for m in (args.backprop or "").split(",") if m.strip()]
+    search = dict(multiple=args.seq_multiple, limit=args.seq_limit)
+    if modes:
+        results = plan_sequence.longest_sequences(cfg, budget, modes, **search)
+    else:  # the config's own mode
+        mode = cfg.model.get("backprop", "full")
+        results = {mode: plan_sequence.longest_fitting_sequence(cfg, budget, **search)}
+    print(f"longest sequence of {args.config}, batch {cfg.batch_size}, {args.devices} devices")
+    print(plan_sequence.format_sequence_table(results))
+    return {m: plan_sequence.search_to_dict(r) for m, r in results.items()}
 
 
 def format_summary(summary: dict, workdir: str) -> str:
@@ -133,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-sizes", default=None, help="per-device batches to try, e.g. 32,64")
     plan.add_argument("--memory-budget", default=None, help="bytes per device, e.g. 16GiB")
     plan.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    plan.add_argument(
+        "--max-seq-len",
+        action="store_true",
+        help="search the longest sequence whose step fits --memory-budget (lm, mlm)",
+    )
+    plan.add_argument(
+        "--backprop",
+        default=None,
+        help="with --max-seq-len: model.backprop modes to compare, e.g. full,remat,streambp",
+    )
+    plan.add_argument(
+        "--seq-multiple", type=int, default=128, help="with --max-seq-len: length granularity"
+    )
+    plan.add_argument(
+        "--seq-limit", type=int, default=1 << 20, help="with --max-seq-len: longest length tried"
+    )
     return parser
 
 
