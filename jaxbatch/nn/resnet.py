@@ -10,6 +10,7 @@ from flax.typing import Dtype
 
 from jaxbatch.nn.axes import BATCH, CONV_IN, CONV_OUT, EMBED, NORM, VOCAB, constrain, partitioned
 from jaxbatch.nn.ghost_batch_norm import GhostBatchNorm
+from jaxbatch.nn.remat import check_policies, remat_module
 
 NORMS = ("batch", "ghost")
 BLOCKS = ("basic", "bottleneck")
@@ -99,6 +100,14 @@ class ResNet(nn.Module):
     'batch_stats' collection (pass ``mutable=['batch_stats']`` when ``train=True``) and the two
     variable trees are identical. ``axis_name`` is forwarded to the norm layers.
 
+    ``remat_policy`` wraps every residual block in ``nn.remat`` with the named ``jax.checkpoint``
+    policy (``jaxbatch.nn.remat``): one name for all stages, or one per stage (e.g.
+    ``('full', 'full', 'none', 'none')`` recomputes the early, high-resolution stages, whose
+    activations dominate the memory). Parameters and batch statistics are unchanged. Of the named
+    policies 'none', 'full' and 'dots' (which keeps the convolution outputs: ``checkpoint_dots``
+    selects convolutions as well as matmuls) are the meaningful ones for a ResNet; the policies
+    that select tagged transformer activations save nothing here (they act as 'full').
+
     Attributes:
       stage_sizes: number of blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
       block: 'basic' or 'bottleneck'.
@@ -111,6 +120,7 @@ class ResNet(nn.Module):
       bn_momentum: running-statistics momentum of the norm layers.
       bn_epsilon: norm epsilon.
       axis_name: device axis for synchronised/averaged statistics (see GhostBatchNorm).
+      remat_policy: a name from ``jaxbatch.nn.remat.POLICY_NAMES``, or one per stage.
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -126,10 +136,13 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
+    remat_policy: str | Sequence[str] = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        if isinstance(self.remat_policy, list):  # configs give lists; module fields must hash
+            object.__setattr__(self, "remat_policy", tuple(self.remat_policy))
         if self.norm not in NORMS:
             raise ValueError(f"ResNet: unknown norm {self.norm!r}; expected one of {NORMS}")
         if self.block not in BLOCKS:
@@ -146,6 +159,7 @@ class ResNet(nn.Module):
                 f"ResNet: virtual_batch_size={self.virtual_batch_size} needs norm='ghost', "
                 "got norm='batch'"
             )
+        check_policies(self.remat_policy, where="ResNet", count=len(self.stage_sizes))
         super().__post_init__()
 
     def _norm_factory(self, train: bool) -> NormFactory:
@@ -196,10 +210,12 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="norm_init")(x))
         x = constrain(x, _ACT_NAMES)
         block_cls = BasicBlock if self.block == "basic" else BottleneckBlock
+        policies = check_policies(self.remat_policy, where="ResNet", count=len(self.stage_sizes))
         for i, size in enumerate(self.stage_sizes):
+            stage_cls = remat_module(block_cls, policies[i % len(policies)])
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = block_cls(
+                x = stage_cls(
                     self.num_filters * 2**i, norm, strides, **kw, name=f"stage{i + 1}_block{j + 1}"
                 )(x)
         x = constrain(jnp.mean(x, axis=(1, 2)), (BATCH, EMBED))

@@ -7,11 +7,25 @@ from flax.typing import Dtype
 
 from jaxbatch.nn.axes import BATCH, EMBED, LENGTH, MLP, VOCAB, constrain, partitioned
 from jaxbatch.nn.layers import TransformerBlock, layer_norm, padding_mask
+from jaxbatch.nn.remat import get_policy, remat_module
 
 POOLS = ("mean", "cls", "last")
 PAD_ID = 0
 CLS_ID = 257
 BYTE_VOCAB_SIZE = 258
+
+
+class EncoderBlock(TransformerBlock):
+    """:class:`TransformerBlock` called as ``block(x, mask, deterministic)``: ``deterministic``
+    positional, so that ``nn.remat`` can take it as a static argument (``static_argnums=(3,)``)."""
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, deterministic: bool) -> jax.Array:
+        return super().__call__(x, mask, deterministic=deterministic)
+
+
+def remat_encoder_block(policy: str) -> type[nn.Module]:
+    """:class:`EncoderBlock`, wrapped in ``nn.remat`` with the named policy ('none': unwrapped)."""
+    return remat_module(EncoderBlock, policy, static_argnums=(3,))
 
 
 class TextEncoder(nn.Module):
@@ -41,6 +55,8 @@ class TextEncoder(nn.Module):
       pad_id: the padding token id.
       out_dim: optional linear projection of the pooled vector.
       dropout: dropout rate (needs a 'dropout' rng when ``train=True`` and rate > 0).
+      remat_policy: a name from ``jaxbatch.nn.remat.POLICY_NAMES``; every block is wrapped in
+        ``nn.remat`` with it (parameters unchanged).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -55,10 +71,12 @@ class TextEncoder(nn.Module):
     pad_id: int = PAD_ID
     out_dim: int | None = None
     dropout: float = 0.0
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        get_policy(self.remat_policy)  # fails early on an unknown name
         if self.pool not in POOLS:
             raise ValueError(f"TextEncoder: unknown pool {self.pool!r}; expected one of {POOLS}")
         if self.width % self.heads:
@@ -102,9 +120,10 @@ class TextEncoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         mask = padding_mask(tokens, self.pad_id)
+        block_cls = remat_encoder_block(self.remat_policy)
         for i in range(self.depth):
-            x = TransformerBlock(self.heads, self.mlp_dim, self.dropout, **kw, name=f"block{i}")(
-                x, mask, deterministic=not train
+            x = block_cls(self.heads, self.mlp_dim, self.dropout, **kw, name=f"block{i}")(
+                x, mask, not train
             )
         x = layer_norm(**kw, name="encoder_norm")(x)
         valid = tokens != self.pad_id  # [B, L]

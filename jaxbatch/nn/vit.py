@@ -6,7 +6,9 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from jaxbatch.nn.axes import BATCH, CONV_IN, EMBED, LENGTH, VOCAB, constrain, partitioned
-from jaxbatch.nn.layers import TransformerBlock, layer_norm
+from jaxbatch.nn.layers import layer_norm
+from jaxbatch.nn.remat import get_policy
+from jaxbatch.nn.text_encoder import remat_encoder_block
 
 POOLS = ("gap", "cls")
 
@@ -28,6 +30,8 @@ class ViT(nn.Module):
       pool: 'gap' or 'cls'.
       dropout: dropout rate after the embeddings and inside the blocks (needs a 'dropout' rng
         when ``train=True`` and the rate is > 0).
+      remat_policy: a name from ``jaxbatch.nn.remat.POLICY_NAMES``; every block is wrapped in
+        ``nn.remat`` with it (parameters unchanged).
       dtype: compute dtype.
       param_dtype: parameter dtype.
     """
@@ -40,10 +44,12 @@ class ViT(nn.Module):
     num_classes: int | None = None
     pool: str = "gap"
     dropout: float = 0.0
+    remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def __post_init__(self):
+        get_policy(self.remat_policy)  # fails early on an unknown name
         if self.pool not in POOLS:
             raise ValueError(f"ViT: unknown pool {self.pool!r}; expected one of {POOLS}")
         if self.hidden % self.heads:
@@ -96,9 +102,10 @@ class ViT(nn.Module):
         x = x + pos.astype(x.dtype)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = constrain(x, (BATCH, LENGTH, EMBED))
+        block_cls = remat_encoder_block(self.remat_policy)
         for i in range(self.depth):
-            x = TransformerBlock(self.heads, self.mlp_dim, self.dropout, **kw, name=f"block{i}")(
-                x, deterministic=not train
+            x = block_cls(self.heads, self.mlp_dim, self.dropout, **kw, name=f"block{i}")(
+                x, None, not train
             )
         x = layer_norm(**kw, name="encoder_norm")(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbatch.nn import POLICY_NAMES, DecoderLM, get_policy
+from jaxbatch import nn as jnn
+from jaxbatch.nn import POLICY_NAMES, DecoderLM, get_policy, remat
 
 SMALL = dict(vocab_size=32, width=8, depth=2, heads=2, mlp_dim=16, max_len=8)
 
@@ -103,3 +104,105 @@ def test_named_policies_save_the_tagged_activations_of_the_model(setup, capsys):
 def test_unknown_policy_raises_with_the_choices():
     with pytest.raises(ValueError, match=r"unknown remat policy 'everything'.*'dots'"):
         get_policy("everything")
+
+
+def _lowered_text(policy, setup, platform):
+    tokens, params = setup
+    model = DecoderLM(**SMALL, remat_policy=policy)
+    value_and_grad, _ = _loss_and_grad(model, params, tokens)
+    traced = jax.jit(value_and_grad).trace(params)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_offload_policies_lower_with_host_placements(setup, platform):
+    to_host = '_xla_buffer_placement = "pinned_host"'
+    to_device = '_xla_buffer_placement = "device"'
+    for policy in ("offload_qkv_proj", "offload_dots_with_no_batch_dims"):
+        text = _lowered_text(policy, setup, platform)
+        # The forward moves each offloaded residual to pinned host memory, the backward back.
+        assert text.count(to_host) >= 1 and text.count(to_device) >= 1, policy
+        if policy == "offload_qkv_proj":  # q, k and v: three residuals each way
+            assert text.count(to_host) == 3 and text.count(to_device) == 3, policy
+    assert to_host not in _lowered_text("save_qkv_proj", setup, platform)
+
+
+def test_offload_policies_compile_and_run_on_cpu_without_placements(setup):
+    # On the CPU backend host and device memory are one: no annotation, same program as saving.
+    text = _lowered_text("offload_qkv_proj", setup, "cpu")
+    assert "pinned_host" not in text
+    assert set(remat.OFFLOAD_POLICY_NAMES) <= set(POLICY_NAMES)
+
+
+def test_check_policies_per_group():
+    assert remat.check_policies("full", where="M") == ("full",)
+    assert remat.check_policies(("full", "none"), where="M", count=2) == ("full", "none")
+    with pytest.raises(ValueError, match=r"M: remat_policy .* names 3 policies; expected one"):
+        remat.check_policies(("full", "none", "dots"), where="M", count=2)
+    with pytest.raises(ValueError, match=r"M: unknown remat policy 'ful'"):
+        remat.check_policies(("full", "ful"), where="M", count=2)
+
+
+# XLA:CPU drops optimization barriers before fusion and scheduling, and with them the remat of
+# unrolled layers (the recomputation is merged back into the forward pass: the same temporary
+# bytes with and without remat). TPU and GPU keep the barriers; compiling with the CPU pass that
+# removes them disabled gives the program the accelerators would schedule.
+_KEEP_BARRIERS = {
+    "xla_disable_hlo_passes": "cse_barrier_expander",
+    "xla_backend_optimization_level": 0,
+}
+
+
+def _vit(policy):
+    model = jnn.ViT(
+        patch_size=4, hidden=16, depth=3, heads=2, mlp_dim=64, num_classes=3, remat_policy=policy
+    )
+    return model, jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+
+
+def _text(policy):
+    model = jnn.TextEncoder(width=16, depth=3, heads=2, mlp_dim=64, max_len=32, remat_policy=policy)
+    tokens = jax.random.randint(jax.random.key(0), (4, 32), 1, 258)
+    return model, tokens.at[0, -5:].set(0)
+
+
+def _resnet(policy):
+    model = jnn.resnet_cifar(stage_sizes=(2, 1), num_filters=8, num_classes=3, remat_policy=policy)
+    return model, jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+
+
+@pytest.mark.parametrize("build", [_vit, _text, _resnet], ids=["vit", "text_encoder", "resnet"])
+def test_model_remat_policy_cuts_compiled_memory_and_keeps_gradients(build, fast_jit):
+    model, x = build("none")
+    variables = fast_jit(lambda k: model.init(k, x, train=False))(jax.random.key(1))
+    variables = nn.meta.unbox(variables)
+
+    def loss_of(policy):
+        m = build(policy)[0]
+
+        def loss(params):
+            v = {**variables, "params": params}
+            out = m.apply(v, x, train=True, mutable=["batch_stats"])[0]
+            return jnp.mean(out**2)
+
+        return loss
+
+    temps, grads = {}, {}
+    for policy in ("none", "full", ("full", "none") if build is _resnet else "dots"):
+        loss = loss_of(policy)
+        compiled = jax.jit(jax.value_and_grad(loss), compiler_options=_KEEP_BARRIERS)
+        compiled = compiled.lower(variables["params"]).compile()
+        temps[policy] = compiled.memory_analysis().temp_size_in_bytes
+        grads[policy] = compiled(variables["params"])
+    assert temps["full"] < 0.8 * temps["none"], temps
+    for policy, (value, g) in grads.items():
+        np.testing.assert_allclose(value, grads["none"][0], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=str(policy))
+
+
+def test_resnet_per_stage_policies_are_checked():
+    with pytest.raises(ValueError, match=r"ResNet: remat_policy .* names 3 policies"):
+        jnn.resnet_cifar(stage_sizes=(1, 1), remat_policy=("full", "none", "full"))
+    with pytest.raises(ValueError, match=r"ViT: unknown remat policy|unknown remat policy 'x'"):
+        jnn.ViT(patch_size=4, hidden=8, depth=1, heads=2, mlp_dim=8, remat_policy="x")
