@@ -70,17 +70,6 @@ def _pad(tree: Any, length: int) -> Any:
     return jax.tree.map(pad, tree)
 
 
-def _to_chunks(a: jax.Array, chunk: int) -> jax.Array:
-    """[B, n·chunk, ...] -> [n, B, chunk, ...] (the scan axis first)."""
-    return jnp.moveaxis(a.reshape(a.shape[0], -1, chunk, *a.shape[2:]), 1, 0)
-
-
-def _from_chunks(a: jax.Array, length: int) -> jax.Array:
-    """[n, B, chunk, ...] -> [B, length, ...] (the padding cut)."""
-    a = jnp.moveaxis(a, 0, 1)
-    return a.reshape(a.shape[0], -1, *a.shape[3:])[:, :length]
-
-
 def _acc_zeros(tree: Any) -> Any:
     """float32 (or wider) zeros shaped like ``tree``: gradient accumulators."""
     return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.promote_types(a.dtype, jnp.float32)), tree)
@@ -100,17 +89,21 @@ def _padded(x, aux, chunk):
     return _pad(x, padded), _pad(aux, padded), padded // chunk
 
 
+def _slice(a: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    return lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+
 def _forward(pre_fn, chunk_fn, chunk_size, params, x, aux):
     xp, auxp, n = _padded(x, aux, chunk_size)
     kv = pre_fn(params, xp, auxp)
 
-    def body(_, xs):
-        x_c, start = xs
-        return None, chunk_fn(params, x_c, kv, auxp, start)
+    def body(y, start):
+        y_c = chunk_fn(params, _slice(xp, start, chunk_size), kv, auxp, start)
+        return lax.dynamic_update_slice_in_dim(y, y_c.astype(y.dtype), start, axis=1), None
 
     starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
-    _, y = lax.scan(body, None, (_to_chunks(xp, chunk_size), starts))
-    return _from_chunks(y, x.shape[1])
+    y, _ = lax.scan(body, jnp.zeros_like(xp), starts)
+    return y[:, : x.shape[1]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -126,22 +119,30 @@ def _layer_fwd(pre_fn, chunk_fn, chunk_size, params, x, aux):
 def _layer_bwd(pre_fn, chunk_fn, chunk_size, residuals, dy):
     params, x, aux = residuals
     xp, auxp, n = _padded(x, aux, chunk_size)
-    kv, pre_vjp = jax.vjp(lambda p, z: pre_fn(p, z, auxp), params, xp)
+    dyp = _pad(dy, xp.shape[1])
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    # K, V without their VJP residuals during the walk; the VJP of g recomputes them after it.
+    kv = pre_fn(params, xp, auxp)
 
-    def body(carry, xs):
-        dparams, dkv = carry
-        x_c, dy_c, start = xs
-        _, chunk_vjp = jax.vjp(lambda p, z, k: chunk_fn(p, z, k, auxp, start), params, x_c, kv)
-        dp, dx_c, dkv_c = chunk_vjp(dy_c)
-        return (_add(dparams, dp), _add(dkv, dkv_c)), dx_c
+    def body(carry, start):
+        dparams, dkv, dx = carry
+        _, chunk_vjp = jax.vjp(
+            lambda p, z, k: chunk_fn(p, z, k, auxp, start),
+            params,
+            _slice(xp, start, chunk_size),
+            kv,
+        )
+        dp, dx_c, dkv_c = chunk_vjp(_slice(dyp, start, chunk_size))
+        dx = lax.dynamic_update_slice_in_dim(dx, dx_c.astype(acc), start, axis=1)
+        return (_add(dparams, dp), _add(dkv, dkv_c), dx), None
 
     starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
-    xs = (_to_chunks(xp, chunk_size), _to_chunks(_pad(dy, xp.shape[1]), chunk_size), starts)
-    (dparams, dkv), dx_direct = lax.scan(body, (_acc_zeros(params), _acc_zeros(kv)), xs)
+    init = (_acc_zeros(params), _acc_zeros(kv), jnp.zeros(xp.shape, acc))
+    (dparams, dkv, dx_direct), _ = lax.scan(body, init, starts)
+    _, pre_vjp = jax.vjp(lambda p, z: pre_fn(p, z, auxp), params, xp)
     dp, dx = pre_vjp(_cast_like(dkv, kv))
     dparams = _cast_like(_add(dparams, dp), params)
-    acc = jnp.promote_types(dx.dtype, jnp.float32)
-    dx = dx.astype(acc) + _from_chunks(dx_direct, xp.shape[1]).astype(acc)
+    dx = dx.astype(acc) + dx_direct
     return dparams, dx[:, : x.shape[1]].astype(x.dtype), jax.tree.map(lambda _: None, aux)
 
 
