@@ -7,7 +7,7 @@ from flax.typing import Dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxbatch.nn import attention as attention_lib
-from jaxbatch.nn import remat
+from jaxbatch.nn import compressed_activations, remat
 from jaxbatch.nn.axes import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM, constrain, partitioned
 
 _default_kernel_init = nn.initializers.xavier_uniform()
@@ -15,9 +15,17 @@ _zeros = nn.initializers.zeros
 _ones = nn.initializers.ones
 
 
-def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-    """A LayerNorm whose scale and bias carry the logical name 'norm'."""
-    return nn.LayerNorm(
+def layer_norm(
+    *, dtype: Dtype, param_dtype: Dtype, name: str | None = None, compress: bool = False
+) -> nn.Module:
+    """A LayerNorm whose scale and bias carry the logical name 'norm'.
+
+    ``compress=True`` ('layer_norm_input' of ``compress_activations``) gives
+    :class:`jaxbatch.nn.compressed_activations.CompressedLayerNorm`: the same parameters and
+    forward, its input kept as int8 for the backward pass.
+    """
+    cls = compressed_activations.CompressedLayerNorm if compress else nn.LayerNorm
+    return cls(
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=partitioned(_ones, (NORM,)),
@@ -234,12 +242,26 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """Position-wise MLP: Dense(mlp_dim) → GELU → dropout → Dense(width)."""
+    """Position-wise MLP: Dense(mlp_dim) → GELU → dropout → Dense(width).
+
+    With 'mlp_input' in ``compress_activations`` the backward pass keeps only an int8 copy of
+    the GELU input h (``jaxbatch.nn.compressed_activations``): without dropout GELU and the output
+    projection run as one :class:`~jaxbatch.nn.compressed_activations.GeluDense` (neither gelu(h)
+    nor its internals are kept; the ``mlp_hidden`` tag then has nothing to name), with active
+    dropout only the GELU is compressed. Parameters and the forward pass are unchanged.
+    """
 
     mlp_dim: int
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    compress_activations: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        compressed_activations.validate_names(
+            self.compress_activations, where="MlpBlock.compress_activations"
+        )
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -252,16 +274,20 @@ class MlpBlock(nn.Module):
             bias_init=partitioned(_zeros, (MLP,)),
             name="wi",
         )(x)
-        h = checkpoint_name(nn.gelu(h), remat.MLP_HIDDEN)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-        return nn.Dense(
-            width,
+        out_kw = dict(
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=partitioned(_default_kernel_init, (MLP, EMBED)),
             bias_init=partitioned(_zeros, (EMBED,)),
             name="wo",
-        )(h)
+        )
+        compress = compressed_activations.MLP_INPUT in self.compress_activations
+        if compress and (deterministic or self.dropout == 0.0):
+            return compressed_activations.GeluDense(width, **out_kw)(h)
+        h = compressed_activations.compressed_gelu(h) if compress else nn.gelu(h)
+        h = checkpoint_name(h, remat.MLP_HIDDEN)
+        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        return nn.Dense(width, **out_kw)(h)
 
 
 def pre_ln_block(
