@@ -37,6 +37,9 @@ class DualEncoder(nn.Module):
     (``TextEncoder``, ``ViT``/``ResNet`` with ``num_classes=None``). Towers with BatchNorm need
     ``mutable=['batch_stats']`` when ``train=True``.
 
+    Rematerialisation is the towers' own field (``remat_policy`` of ``ViT``, ``TextEncoder``,
+    ``ResNet``); the projections and the normalisation here keep only [B, embed_dim] tensors.
+
     References:
       Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision"
       (CLIP), Fig. 3; Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training" (SigLIP),

@@ -100,6 +100,11 @@ def bag_head(module: nn.Module, pooled: jax.Array, weight_sum: jax.Array) -> jax
 class NgramBagEncoder(nn.Module):
     """Weighted mean of hashed byte n-gram embeddings (see the module docstring).
 
+    No ``remat_policy``: there is no stack of layers whose activations a recomputation could
+    drop. The backward pass keeps the [B, buckets] bag weights (for the table's gradient, a
+    matmul input) and the head's [B, width] inputs; a remat would recompute the same matmul
+    from the same weights and free nothing.
+
     Attributes:
       width: embedding width.
       buckets: hash buckets (rows of the embedding table).

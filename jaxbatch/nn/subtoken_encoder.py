@@ -47,6 +47,11 @@ def bucket_weights(ids: jax.Array, valid: jax.Array, buckets: int) -> tuple[jax.
 class SubtokenBagEncoder(nn.Module):
     """Salience-weighted mean of hashed sub-token embeddings (see the module docstring).
 
+    No ``remat_policy``: there is no stack of layers whose activations a recomputation could
+    drop. The backward pass keeps the gathered rows [B, L, width] (for the weights' gradient) and
+    the head's [B, width] inputs; a remat would regather the same rows from the same ids, one
+    tensor for one gather, which is the whole forward pass of the encoder.
+
     Attributes:
       width: embedding width.
       buckets: hash buckets (rows of the embedding table).
