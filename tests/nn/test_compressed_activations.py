@@ -347,7 +347,8 @@ def test_layers_with_compression_keep_parameters_and_forward(fast_jit):
 
 
 def test_training_with_int8_activations_tracks_the_float_run():
-    """60 SGD steps of a 2-block pre-LN MLP regression: the loss curves stay within 2 %."""
+    """60 SGD steps of a 2-block pre-LN MLP regression: the loss curves stay within 0.1 %
+    (measured: 1.2e-5 relative at most)."""
     x = _inputs("normal", (64, 16))
     target = jnp.sin(2 * x) @ (0.3 * _inputs("normal", (16, 16), 3))
 
@@ -363,7 +364,7 @@ def test_training_with_int8_activations_tracks_the_float_run():
     plain, compressed = _jit(lambda: (train(_mlp_stack(False, 2)), train(_mlp_stack(True, 2))))()
     assert float(plain[-1]) < 0.5 * float(plain[0])  # it learns
     gap = np.max(np.abs(np.asarray(compressed) - np.asarray(plain)) / np.asarray(plain))
-    assert gap < 0.02, gap
+    assert gap < 1e-3, gap
 
 
 def _mlp_stack_temp_bytes(compress: bool, depth=4, tokens=512, width=64) -> int:
