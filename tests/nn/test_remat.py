@@ -51,10 +51,14 @@ def _unstack(params):
     return params
 
 
-# Every policy inside nn.scan; the unrolled path (prevent_cse=True) with two of them.
+# The policies inside nn.scan; the unrolled path (prevent_cse=True) with two of them.
 @pytest.mark.parametrize(
     "scan_layers,policies",
-    [(True, POLICY_NAMES), (False, ("full", "save_qkv_proj"))],
+    [
+        # Every save policy; two offload policies (on CPU they run as their save policies).
+        (True, tuple(p for p in POLICY_NAMES if p not in remat.OFFLOAD_POLICY_NAMES[2:])),
+        (False, ("full", "save_qkv_proj")),
+    ],
     ids=["scan", "unrolled"],
 )
 def test_every_policy_gives_the_gradients_of_no_remat(setup, scan_layers, policies, fast_jit):
