@@ -11,6 +11,8 @@ from jaxbatch.nn.layers import layer_norm, pre_ln_block
 from jaxbatch.nn.remat import get_policy, remat_module
 
 BACKPROP_MODES = ("full", "remat", "streambp")
+# compress_activations name: streambp keeps the layer-boundary states as int8.
+LAYER_INPUT = "layer_input"
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -96,6 +98,9 @@ class DecoderLM(nn.Module):
       attention_chunk_size: query chunk of the chunked attention.
       backprop: one of :data:`BACKPROP_MODES`.
       stream_chunk_size: positions per chunk of 'streambp' (1 <= it <= sequence length).
+      compress_activations: () or ('layer_input',): with 'streambp', the block inputs kept for
+        the backward pass are int8 with one scale per position (a quarter of the f32 bytes; the
+        gradient becomes that at the dequantized inputs).
     """
 
     vocab_size: int = 258
@@ -113,6 +118,7 @@ class DecoderLM(nn.Module):
     attention_chunk_size: int = 512
     backprop: str = "full"
     stream_chunk_size: int = 512
+    compress_activations: tuple[str, ...] = ()
 
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
@@ -136,6 +142,17 @@ class DecoderLM(nn.Module):
                 f"DecoderLM: backprop='remat' does not combine with remat_policy="
                 f"{self.remat_policy!r} (it recomputes whole blocks); use remat_policy='none' or "
                 "backprop='full'"
+            )
+        compress = tuple(self.compress_activations)
+        if compress not in ((), (LAYER_INPUT,)):
+            raise ValueError(
+                f"DecoderLM: compress_activations={compress!r}; supported: () or "
+                f"({LAYER_INPUT!r},) (with backprop='streambp')"
+            )
+        if compress and self.backprop != "streambp":
+            raise ValueError(
+                f"DecoderLM: compress_activations=({LAYER_INPUT!r},) needs backprop='streambp', "
+                f"got backprop={self.backprop!r}"
             )
         for name in ("stream_chunk_size", "attention_chunk_size"):
             value = getattr(self, name)
@@ -228,6 +245,7 @@ class DecoderLM(nn.Module):
             segment_ids,
             chunk_size=self.stream_chunk_size,
             scanned=self.scan_layers,
+            int8_input=LAYER_INPUT in self.compress_activations,
         )
 
     def hidden(

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbatch.nn import layers
+from jaxbatch.nn import compressed_activations, layers
 from jaxbatch.nn.axes import BATCH, EMBED, LENGTH, constrain
 
 PreFn = Callable[[Any, jax.Array, Any], Any]
@@ -106,18 +106,27 @@ def _forward(pre_fn, chunk_fn, chunk_size, params, x, aux):
     return y[:, : x.shape[1]]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _layer(pre_fn, chunk_fn, chunk_size, params, x, aux):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _layer(pre_fn, chunk_fn, chunk_size, int8, params, x, aux):
+    del int8
     return _forward(pre_fn, chunk_fn, chunk_size, params, x, aux)
 
 
-def _layer_fwd(pre_fn, chunk_fn, chunk_size, params, x, aux):
-    # Residuals: the layer's input and parameters only (no activation of the layer).
-    return _forward(pre_fn, chunk_fn, chunk_size, params, x, aux), (params, x, aux)
+def _layer_fwd(pre_fn, chunk_fn, chunk_size, int8, params, x, aux):
+    # Residuals: the layer's input (int8 with one scale per position when ``int8``) and its
+    # parameters only, no activation of the layer.
+    y = _forward(pre_fn, chunk_fn, chunk_size, params, x, aux)
+    if int8:
+        q, scale = compressed_activations.quantize(x, axis=(0, 1))
+        return y, (params, (q, scale, jnp.zeros((0,), x.dtype)), aux)
+    return y, (params, x, aux)
 
 
-def _layer_bwd(pre_fn, chunk_fn, chunk_size, residuals, dy):
+def _layer_bwd(pre_fn, chunk_fn, chunk_size, int8, residuals, dy):
     params, x, aux = residuals
+    if int8:
+        q, scale, like = x
+        x = compressed_activations.dequantize(q, scale, like.dtype)
     xp, auxp, n = _padded(x, aux, chunk_size)
     dyp = _pad(dy, xp.shape[1])
     acc = jnp.promote_types(x.dtype, jnp.float32)
@@ -157,6 +166,7 @@ def streambp_layer(
     aux: Any = None,
     *,
     chunk_size: int,
+    int8_input: bool = False,
 ) -> jax.Array:
     """One causal layer y = f(θ, x) whose backward pass runs chunk by chunk (see module docstring).
 
@@ -173,6 +183,10 @@ def streambp_layer(
       aux: a pytree of [B, T, ...] arrays that are not differentiated (segment ids, key masks), or
         None.
       chunk_size: positions per chunk c, 1 <= c <= T; T need not be a multiple.
+      int8_input: keep x for the backward pass as int8 with one float32 scale per position
+        (``jaxbatch.nn.compressed_activations.quantize``; Mesa / GACT-style compression of the
+        layer-boundary states): a quarter of the f32 bytes; the gradient is then that of the
+        layer at the dequantized input x̂, |x̂ − x| <= max_d |x[b, t, d]| / 254 per entry.
 
     Returns:
       y [B, T, ...], the same as ``chunk_fn(params, x, pre_fn(params, x, aux), aux, 0)``, with
@@ -187,7 +201,7 @@ def streambp_layer(
                 f"streambp_layer: auxiliary array of shape {a.shape} does not start with x's "
                 f"[B, T] = {x.shape[:2]}"
             )
-    return _layer(pre_fn, chunk_fn, chunk_size, params, x, aux)
+    return _layer(pre_fn, chunk_fn, chunk_size, bool(int8_input), params, x, aux)
 
 
 def streambp_stack(
@@ -199,11 +213,13 @@ def streambp_stack(
     *,
     chunk_size: int,
     scanned: bool,
+    int8_input: bool = False,
 ) -> jax.Array:
     """z_L of z_l = f(θ_l, z_{l-1}), every layer a :func:`streambp_layer`.
 
     Args:
-      pre_fn, chunk_fn, aux, chunk_size: as for :func:`streambp_layer` (the same for every layer).
+      pre_fn, chunk_fn, aux, chunk_size, int8_input: as for :func:`streambp_layer` (the same for
+        every layer).
       layer_params: with ``scanned``, one pytree whose leaves are stacked [L, ...] (run with
         ``lax.scan``: one compiled layer); otherwise a sequence of L per-layer pytrees (unrolled).
       x: z_0 [B, T, ...].
@@ -211,7 +227,9 @@ def streambp_stack(
     Returns:
       z_L. The forward pass keeps z_0..z_{L-1} for the backward pass and nothing else.
     """
-    layer = functools.partial(streambp_layer, pre_fn, chunk_fn, aux=aux, chunk_size=chunk_size)
+    layer = functools.partial(
+        streambp_layer, pre_fn, chunk_fn, aux=aux, chunk_size=chunk_size, int8_input=int8_input
+    )
     if scanned:
         x, _ = lax.scan(lambda z, p: (layer(p, z), None), x, layer_params)
         return x
