@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/jaxbatch train --config configs/codesearch_clip.py --workdir runs/codesearch_clip
 
+# Two pytest-xdist workers, one per core of the 2-core CI machine; compiled programs are shared
+# through JAX's persistent compilation cache (tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

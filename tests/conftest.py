@@ -4,14 +4,27 @@ XLA reads ``--xla_force_host_platform_device_count`` once, when the CPU backend 
 must be set before anything imports jax. conftest.py is imported by pytest before any test module,
 which makes this the one place to do it. Single-device tests are unaffected (jit places on device
 0); multi-device tests build meshes over ``jax.devices()``.
+
+Compiled programs are kept in JAX's persistent compilation cache for the session and for the
+processes tests start (they inherit the environment): many tests compile the same program more
+than once (a run and its resumption, the same train step in a worker process), and XLA's CPU
+compile is most of their time. An entry is keyed by the program's HLO, the compile options, the
+backend and the jax version, so a hit is the executable a fresh compile would give.
 """
 
 import os
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"jaxbatch-tests-xla-cache-{os.getuid()}"),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
