@@ -307,9 +307,14 @@ def pre_ln_block(
     dropout, dtype, param_dtype and optionally attention / attention_chunk_size (defaults
     'reference', 512); the sub-layers are named ln_attn, attn, ln_mlp, mlp. ``mask`` is the legacy
     broadcastable mask; ``causal`` / ``segment_ids`` / ``key_mask`` build no [T, T] array.
+    ``block.compress_activations`` (optional, default ()) names the saved activations kept as
+    int8 for the backward pass (``jaxbatch.nn.compressed_activations.COMPRESSIBLE``: the MLP
+    input and the layer-norm inputs here).
     """
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
-    h = layer_norm(**kw, name="ln_attn")(x)
+    names = tuple(getattr(block, "compress_activations", ()))
+    compress_ln = "layer_norm_input" in names
+    h = layer_norm(**kw, name="ln_attn", compress=compress_ln)(x)
     h = MultiHeadAttention(
         block.num_heads,
         **kw,
@@ -320,8 +325,10 @@ def pre_ln_block(
         name="attn",
     )(h, mask, causal=causal, segment_ids=segment_ids, key_mask=key_mask)
     x = x + nn.Dropout(block.dropout)(h, deterministic=deterministic)
-    h = layer_norm(**kw, name="ln_mlp")(x)
-    h = MlpBlock(block.mlp_dim, block.dropout, **kw, name="mlp")(h, deterministic=deterministic)
+    h = layer_norm(**kw, name="ln_mlp", compress=compress_ln)(x)
+    h = MlpBlock(block.mlp_dim, block.dropout, **kw, compress_activations=names, name="mlp")(
+        h, deterministic=deterministic
+    )
     x = x + nn.Dropout(block.dropout)(h, deterministic=deterministic)
     return constrain(x, (BATCH, LENGTH, EMBED))
 

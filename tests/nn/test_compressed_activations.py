@@ -392,3 +392,36 @@ def test_int8_mlp_input_cuts_the_compiled_temporary_memory():
     # and the LN its float input; the compressed one keeps int8 h (1 byte) and the int8 LN input.
     # The rest (the residual stream, the backward's working set) is the same in both.
     assert compressed < 0.5 * plain, (compressed, plain)
+
+
+class _PreLnBlock(nn.Module):
+    """A pre-LN block that names its compressed activations (what pre_ln_block reads)."""
+
+    compress_activations: tuple[str, ...] = ()
+    num_heads: int = 2
+    mlp_dim: int = 32
+    dropout: float = 0.0
+    dtype = jnp.float32
+    param_dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return layers.pre_ln_block(self, x, None, deterministic=True, causal=True)
+
+
+def test_pre_ln_block_compresses_what_the_block_names():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 16))
+    plain = _PreLnBlock()
+    packed = _PreLnBlock(compress_activations=("mlp_input", "layer_norm_input"))
+    params = plain.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(packed.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(params)
+    np.testing.assert_array_equal(plain.apply(params, x), packed.apply(params, x))
+
+    def grads(block):
+        return jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1))(params, x)
+
+    want, got = grads(plain), grads(packed)
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    num = sum(float(jnp.sum((a - b) ** 2)) for a, b in pairs)
+    den = sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(want))
+    assert 0 < (num / den) ** 0.5 < 0.05  # int8 saved inputs: close, and not the float gradient
