@@ -24,7 +24,6 @@ os.environ.setdefault(
     os.path.join(tempfile.gettempdir(), f"jaxbatch-tests-xla-cache-{os.getuid()}"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
