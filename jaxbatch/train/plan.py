@@ -171,12 +171,18 @@ def lower_step(
     return run, traced.lower(lowering_platforms=tuple(lowering_platforms))
 
 
-def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None = None) -> Plan:
+def plan(
+    cfg: ml_collections.ConfigDict,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    with_flops: bool = True,
+) -> Plan:
     """Compiles the train step of ``cfg`` ahead of time and accounts for its memory and work.
 
     Args:
       cfg: a training config (its ``mesh`` section picks the mesh over ``devices``).
       devices: the devices of the mesh; default all (the CLI simulates ``--devices`` of them).
+      with_flops: also count the step's FLOPs (a second, unrolled lowering); False gives NaN.
 
     Returns:
       The :class:`Plan` of one step.
@@ -204,7 +210,9 @@ def plan(cfg: ml_collections.ConfigDict, *, devices: Sequence[jax.Device] | None
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
-        flops=step_flops(cfg, devices=devices) / run.mesh.devices.size,
+        flops=(
+            step_flops(cfg, devices=devices) / run.mesh.devices.size if with_flops else float("nan")
+        ),
         collectives=count_collectives(compiled.as_text()),
         remat=remat_summary(cfg.model.to_dict()),
     )

@@ -89,15 +89,8 @@ def peak_bytes_at(
     cfg: ml_collections.ConfigDict, seq_len: int, *, devices: Sequence[jax.Device] | None = None
 ) -> SequenceProbe:
     """Compiles the train step of ``cfg`` at ``seq_len`` and returns its peak bytes per device."""
-    run, state, batch = plan_lib.build_abstract(with_sequence_length(cfg, seq_len), devices=devices)
-    memory = run.train_step.lower(state, batch).compile().memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
-    return SequenceProbe(seq_len, int(peak), int(memory.temp_size_in_bytes))
+    p = plan_lib.plan(with_sequence_length(cfg, seq_len), devices=devices, with_flops=False)
+    return SequenceProbe(seq_len, p.peak_bytes, p.temp_bytes)
 
 
 def longest_fitting_sequence(
