@@ -5,6 +5,7 @@ The runs use the test session's 8 simulated devices (data parallel, mesh 8×1×1
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -14,22 +15,46 @@ from jaxbatch.train import checkpoint as ckpt
 from jaxbatch.train import config as config_lib
 from jaxbatch.train import loop
 
+DIGITS = "configs/digits_resnet_lars.py:runlocal"
+# The shared digits run checkpoints every 2 of its 6 steps, so the resume test can stop after one.
+DIGITS_OVERRIDES = ("checkpoint_every_steps=2",)
+
 
 def _cfg(path, *overrides):
     return config_lib.load_config(path, list(overrides))
 
 
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One uninterrupted digits runlocal run, shared (read-only) by the tests of this module."""
+    workdir = tmp_path_factory.mktemp("digits") / "run"
+    summary = loop.train(_cfg(DIGITS, *DIGITS_OVERRIDES), str(workdir), progress=False)
+    return workdir, summary
+
+
+def _copy_run(digits_run, tmp_path):
+    """A private copy of the shared run directory, for a test that writes into it."""
+    workdir, summary = digits_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    return copy, summary
+
+
 @pytest.mark.parametrize(
     "path, metric",
     [
-        ("configs/digits_resnet_lars.py:runlocal", "accuracy"),
+        (DIGITS, "accuracy"),
         ("configs/codesearch_clip.py:runlocal", "recall@1"),
         ("configs/stdlib_lm.py:runlocal", "bits_per_byte"),
     ],
 )
-def test_runlocal_trains_and_writes_its_run_directory(tmp_path, capsys, path, metric):
-    cfg = _cfg(path)
-    summary = loop.train(cfg, str(tmp_path), progress=False)
+def test_runlocal_trains_and_writes_its_run_directory(request, tmp_path, capsys, path, metric):
+    if path == DIGITS:
+        cfg = _cfg(path, *DIGITS_OVERRIDES)
+        tmp_path, summary = request.getfixturevalue("digits_run")
+    else:
+        cfg = _cfg(path)
+        summary = loop.train(cfg, str(tmp_path), progress=False)
     printed = capsys.readouterr().out
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     train = [r for r in records if r["kind"] == "train"]
@@ -82,11 +107,10 @@ def test_accumulation_equals_full_batch_step(tmp_path):
     assert all(np.isfinite(r["b_simple"]) for r in records if r["kind"] == "train")
 
 
-def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
+def test_resume_after_stop_reaches_the_same_parameters(tmp_path, digits_run):
     """A run stopped after a checkpoint and restarted ends where an uninterrupted run ends."""
-    overrides = ("checkpoint_every_steps=2",)
-    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", *overrides)
-    straight = loop.train(cfg, str(tmp_path / "straight"), progress=False)
+    cfg = _cfg(DIGITS, *DIGITS_OVERRIDES)
+    _, straight = digits_run
     stopped = loop.train(cfg, str(tmp_path / "resumed"), progress=False, stop_after_step=3)
     assert stopped["step"] == 3 and "eval" not in stopped
     resumed = loop.train(cfg, str(tmp_path / "resumed"), progress=False)
@@ -99,37 +123,31 @@ def test_resume_after_stop_reaches_the_same_parameters(tmp_path):
     assert resumed["eval"]["accuracy"] == pytest.approx(straight["eval"]["accuracy"])
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
-    small = _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512")
-    loop.train(small, str(tmp_path), progress=False)
-    wider = _cfg(
-        "configs/digits_resnet_lars.py:runlocal", "total_samples=512", "model.num_filters=8"
-    )
+def test_checkpoint_of_another_model_is_refused(tmp_path, digits_run):
+    workdir, _ = _copy_run(digits_run, tmp_path)
+    wider = _cfg(DIGITS, *DIGITS_OVERRIDES, "model.num_filters=8")
     with pytest.raises(ckpt.CheckpointError, match="different model.*shapes differ"):
-        loop.train(wider, str(tmp_path), progress=False)
+        loop.train(wider, str(workdir), progress=False)
 
 
-def test_corrupt_checkpoint_is_reported(tmp_path):
-    cfg = _cfg("configs/stdlib_lm.py:runlocal", "total_samples=64")
-    loop.train(cfg, str(tmp_path), progress=False)
-    step_dir = tmp_path / "checkpoints" / "2"
-    for root, _, files in os.walk(step_dir / "meta"):
-        for name in files:
-            with open(os.path.join(root, name), "w") as f:
-                f.write("{not json")
+def test_corrupt_checkpoint_is_reported(tmp_path, digits_run):
+    workdir, _ = _copy_run(digits_run, tmp_path)
+    steps = [name for name in os.listdir(workdir / "checkpoints") if name.isdigit()]
+    assert steps
+    for step in steps:  # every checkpoint damaged: nothing intact to fall back to
+        for root, _, files in os.walk(workdir / "checkpoints" / str(step) / "meta"):
+            for name in files:
+                with open(os.path.join(root, name), "w") as f:
+                    f.write("{not json")
     with pytest.raises(ckpt.CheckpointError, match="cannot be read"):
-        loop.train(cfg, str(tmp_path), progress=False)
+        loop.train(_cfg(DIGITS, *DIGITS_OVERRIDES), str(workdir), progress=False)
 
 
-def test_init_from_starts_with_the_weights_of_an_earlier_run(tmp_path):
+def test_init_from_starts_with_the_weights_of_an_earlier_run(tmp_path, digits_run):
     """A second phase (e.g. BERT phase 2) starts from the first phase's params and batch stats."""
-    first = loop.train(
-        _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512"),
-        str(tmp_path / "phase1"),
-        progress=False,
-    )
-    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", "ema.decay=0.9")
-    cfg.init_from = str(tmp_path / "phase1")
+    phase1, first = digits_run
+    cfg = _cfg(DIGITS, "ema.decay=0.9")
+    cfg.init_from = str(phase1)
     second = loop.train(cfg, str(tmp_path / "phase2"), progress=False, stop_after_step=0)
     state = second["state"]
     assert int(state.step) == 0
@@ -141,14 +159,9 @@ def test_init_from_starts_with_the_weights_of_an_earlier_run(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
 
 
-def test_init_from_another_model_is_refused(tmp_path):
-    loop.train(
-        _cfg("configs/digits_resnet_lars.py:runlocal", "total_samples=512"),
-        str(tmp_path / "small"),
-        progress=False,
-    )
-    cfg = _cfg("configs/digits_resnet_lars.py:runlocal", "model.num_filters=8")
-    cfg.init_from = str(tmp_path / "small")
+def test_init_from_another_model_is_refused(tmp_path, digits_run):
+    cfg = _cfg(DIGITS, "model.num_filters=8")
+    cfg.init_from = str(digits_run[0])
     with pytest.raises(ckpt.CheckpointError, match="different model"):
         loop.train(cfg, str(tmp_path / "wide"), progress=False, stop_after_step=0)
     cfg.init_from = str(tmp_path / "nowhere")
