@@ -80,3 +80,18 @@ def test_standard_error_is_calibrated_on_noisy_data():
 def test_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         stats.fit_critical_batch(*args)
+
+
+def test_recovers_s_min_and_b_crit_from_one_noisy_sweep():
+    """Data drawn from the model with 5% multiplicative noise (one fixed seed, 6 batch sizes as a
+    sweep would run): the fit lands within 3 standard errors of the true S_min and B_crit, and its
+    standard errors are of the size of that noise (neither 0 nor vacuous)."""
+    rng = np.random.default_rng(12)
+    batches = np.array([32, 64, 128, 256, 512, 2048], np.float64)
+    steps = _steps(batches) * np.exp(0.05 * rng.normal(size=len(batches)))
+    fit = stats.fit_critical_batch(batches, steps)
+    assert abs(fit.b_crit - B_NOISE) < 3 * fit.b_crit_stderr
+    assert abs(fit.s_min - S_MIN) < 3 * fit.s_min_stderr
+    assert 0.005 < fit.b_crit_stderr / fit.b_crit < 0.5
+    assert 0.005 < fit.s_min_stderr / fit.s_min < 0.2
+    assert 0.01 < fit.residual_std < 0.15
