@@ -34,21 +34,43 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_runlocal_pod_config_trains_on_its_record_files(tmp_path, request, case):
-    path, fixture, extra, metric = CASES[case]
-    data_dir = request.getfixturevalue(fixture)
-    overrides = [
+def _overrides(case, data_dir):
+    samples = IMAGENET_SAMPLES if case == "imagenet" else 1024
+    extra = ["checkpoint_every_steps=3"] if case == "imagenet" else []
+    return [
         f"dataset.options.data_dir={data_dir}",
-        "total_samples=1024",
+        f"total_samples={samples}",
         "log_every_steps=1",
+        *CASES[case][2],
         *extra,
     ]
-    cfg = config_lib.load_config(path, overrides)
-    summary = loop.train(cfg, str(tmp_path), progress=False)
+
+
+# The imagenet run is shared by the two tests below (its second use stops and resumes it).
+IMAGENET_SAMPLES = 512
+
+
+@pytest.fixture(scope="module")
+def imagenet_run(tmp_path_factory, imagenet_like_dir):
+    cfg = config_lib.load_config(CASES["imagenet"][0], _overrides("imagenet", imagenet_like_dir))
+    workdir = tmp_path_factory.mktemp("imagenet") / "straight"
+    return cfg, workdir, loop.train(cfg, str(workdir), progress=False)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_runlocal_pod_config_trains_on_its_record_files(tmp_path, request, case):
+    path, fixture, _, metric = CASES[case]
+    if case == "imagenet":
+        cfg, tmp_path, summary = request.getfixturevalue("imagenet_run")
+        samples = IMAGENET_SAMPLES
+    else:
+        data_dir = request.getfixturevalue(fixture)
+        cfg = config_lib.load_config(path, _overrides(case, data_dir))
+        summary = loop.train(cfg, str(tmp_path), progress=False)
+        samples = 1024
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert summary["step"] == 1024 // cfg.batch_size == len(losses)
+    assert summary["step"] == samples // cfg.batch_size == len(losses)
     assert all(math.isfinite(x) for x in losses)
     if case != "imagenet":
         first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -61,20 +83,10 @@ def test_runlocal_pod_config_trains_on_its_record_files(tmp_path, request, case)
         )
 
 
-def test_resumed_imagenet_run_sees_the_same_random_crops(tmp_path, imagenet_like_dir):
+def test_resumed_imagenet_run_sees_the_same_random_crops(tmp_path, imagenet_run):
     """Stopped after a checkpoint and restarted, a run with random crops and flips ends with the
     parameters of an uninterrupted run: the augmentation RNG is keyed by epoch position."""
-    cfg = config_lib.load_config(
-        "configs/imagenet_resnet50_lars.py:runlocal",
-        [
-            f"dataset.options.data_dir={imagenet_like_dir}",
-            "dataset.options.format=array_record",
-            "model.num_classes=10",
-            "total_samples=512",
-            "checkpoint_every_steps=3",
-        ],
-    )
-    straight = loop.train(cfg, str(tmp_path / "straight"), progress=False)
+    cfg, _, straight = imagenet_run
     stopped = loop.train(cfg, str(tmp_path / "resumed"), progress=False, stop_after_step=3)
     assert stopped["step"] == 3
     resumed = loop.train(cfg, str(tmp_path / "resumed"), progress=False)
