@@ -14,9 +14,11 @@ class GradNoiseStats(NamedTuple):
     ``jaxbatch.stats.noise_scale_from_two_batches``.
 
     Attributes:
-      sq_norm_small: float32 [], mean over micro-batches of |g_micro|^2.
-      sq_norm_big: float32 [], |mean over micro-batches of g_micro|^2.
-      b_small: int32 [], examples per micro-batch.
+      sq_norm_small: float32 [], mean over the k·G small gradients (G noise groups in each of the
+        k micro-batches) of their squared norms |g_small|^2 (the mean of the squares, not the
+        square of the mean norm).
+      sq_norm_big: float32 [], |mean of the small gradients|^2 = |whole-batch gradient|^2.
+      b_small: int32 [], examples per small gradient (B / (k·G)).
       b_big: int32 [], examples in the whole batch.
     """
 
@@ -95,6 +97,18 @@ def merge_micro_batches(tree, micro_batches: int):
     return jax.tree.map(leaf, tree)
 
 
+def split_noise_groups(micro_batch, groups: int):
+    """[b, ...] -> [G, b/G, ...], group g holding the g-th contiguous block of b/G examples.
+
+    Contiguous rather than strided: a micro-batch sharded along b over n devices puts group g on
+    the devices g·n/G ... (g+1)·n/G − 1 (for G dividing n), so with G = the data-axis size the
+    group gradients are the per-replica gradients of data parallelism before their mean.
+    """
+    return jax.tree.map(
+        lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:]), micro_batch
+    )
+
+
 def micro_batch_rng(rng: jax.Array, index) -> jax.Array:
     """The key of micro-batch ``index`` of a step whose key is ``rng``: ``fold_in(rng, index)``.
 
@@ -111,6 +125,9 @@ def accumulate(
     *,
     accumulator_dtype: jnp.dtype = jnp.float32,
     aux_shapes: Any = None,
+    noise_groups: int = 1,
+    group_axis_name: str | tuple[str, ...] | None = None,
+    constrain_group_grads: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Averages gradients over ``micro_batches`` micro-batches with ``lax.scan``, then ``inner``.
 
@@ -124,8 +141,24 @@ def accumulate(
 
     For a loss that is a mean over examples, g equals the full-batch gradient, so this computes
     what ``inner`` computes on the whole batch. ``state.noise`` feeds
-    ``jaxbatch.stats.noise_scale_from_two_batches`` (it needs k >= 2: at k = 1 the two batch
+    ``jaxbatch.stats.noise_scale_from_two_batches`` (it needs k·G >= 2: at k·G = 1 the two batch
     sizes coincide).
+
+    Noise groups (G = ``noise_groups`` > 1) give the small-batch gradients without micro-batches:
+    each micro-batch is cut into G contiguous groups (:func:`split_noise_groups`) whose gradients
+    are computed side by side (``jax.vmap`` of ``grad_fn``), so the FLOPs are those of one
+    micro-batch and, with the group axis sharded over the data axis of the mesh
+    (``constrain_group_grads``), each device holds one group gradient: these are the per-replica
+    gradients of data parallelism before their mean. Then::
+
+      g_jh = grad_fn(params, group h of m_j)[0]            (h = 1..G)
+      noise.sq_norm_small = (1/(kG)) sum_jh |g_jh|^2,  noise.b_small = B/(kG)
+
+    and g, the update and ``aux`` (the mean over groups) are as without groups. Only for losses
+    that are means of per-example terms with no coupling between examples (no batch norm over
+    the micro-batch, no contrastive pairs): there, the mean of the group gradients is the
+    micro-batch gradient. With ``rng``, group h of micro-batch j draws its dropout from
+    ``fold_in(micro_batch_rng(rng, j), h)``.
 
     Contract:
 
@@ -167,6 +200,15 @@ def accumulate(
       accumulator_dtype: floating dtype of the gradient and aux accumulators.
       aux_shapes: pytree of arrays or ``jax.ShapeDtypeStruct`` matching ``grad_fn``'s aux
         output (only shapes are used), or None when ``grad_fn`` returns aux None.
+      noise_groups: G, a positive int dividing the micro-batch size: small gradients per
+        micro-batch for the noise statistics (see above); 1 = the micro-batches themselves.
+      group_axis_name: the mesh axis (or axes) the group axis is sharded over, given to
+        ``jax.vmap(spmd_axis_name=)`` so the sharding constraints inside ``grad_fn`` keep each
+        group on its devices (the caller's activation rules must then not use that axis for
+        the batch inside a group); None: no mesh axis.
+      constrain_group_grads: applied to the [G, ...]-stacked group gradients (e.g.
+        ``jax.lax.with_sharding_constraint`` putting G on the mesh's data axis and the parameter
+        dims where the parameters live); None leaves their placement to the compiler.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -199,6 +241,11 @@ def accumulate(
         raise ValueError(f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}")
     if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
         raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
+    if isinstance(noise_groups, bool) or not isinstance(noise_groups, numbers.Integral):
+        raise ValueError(f"noise_groups must be a positive int, got {noise_groups!r}")
+    if noise_groups < 1:
+        raise ValueError(f"noise_groups must be a positive int, got {noise_groups!r}")
+    groups = int(noise_groups)
     inner = optax.with_extra_args_support(inner)
     aux_zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), acc_dtype), aux_shapes)
 
@@ -235,6 +282,11 @@ def accumulate(
         if params is None or batch is None:
             raise ValueError("accumulate with grad_fn= needs params and batch=")
         batch_size = _batch_size(batch, micro_batches)
+        if (batch_size // micro_batches) % groups:
+            raise ValueError(
+                f"the micro-batch of {batch_size // micro_batches} examples (batch {batch_size} / "
+                f"micro_batches={micro_batches}) is not divisible by noise_groups={groups}"
+            )
         micro = split_micro_batches(batch, micro_batches)
         if rng is None:
             call = lambda p, m, j: grad_fn(p, m)
@@ -245,13 +297,35 @@ def accumulate(
         )
         _check_aux(aux_like, state.aux)
 
+        def grouped_call(p, micro_batch, index):
+            """(mean gradient, sum of the groups' squared norms, mean aux) of one micro-batch."""
+            if groups == 1:
+                grads, aux = call(p, micro_batch, index)
+                return grads, _sq_norm(grads), aux
+            parts = split_noise_groups(micro_batch, groups)
+            h = jnp.arange(groups, dtype=jnp.int32)
+            vmap = lambda f: jax.vmap(f, spmd_axis_name=group_axis_name)
+            if rng is None:
+                stacked, aux = vmap(lambda m, i: grad_fn(p, m))(parts, h)
+            else:
+                key = micro_batch_rng(rng, index)
+                stacked, aux = vmap(lambda m, i: grad_fn(p, m, jax.random.fold_in(key, i)))(
+                    parts, h
+                )
+            if constrain_group_grads is not None:
+                stacked = constrain_group_grads(stacked)
+            sq = jnp.sum(jax.vmap(_sq_norm)(stacked))
+            mean_over_groups = lambda x: jnp.mean(jnp.asarray(x, acc_dtype), axis=0)
+            grads = jax.tree.map(mean_over_groups, stacked)
+            return grads, sq, jax.tree.map(mean_over_groups, aux)
+
         def body(carry, indexed_micro_batch):
             grad_acc, sq_acc, aux_acc = carry
             index, micro_batch = indexed_micro_batch
-            grads, aux = call(params, micro_batch, index)
+            grads, sq, aux = grouped_call(params, micro_batch, index)
             grad_acc = jax.tree.map(lambda a, g: a + g.astype(acc_dtype), grad_acc, grads)
             aux_acc = jax.tree.map(lambda a, x: a + jnp.asarray(x, acc_dtype), aux_acc, aux)
-            return (grad_acc, sq_acc + _sq_norm(grads), aux_acc), None
+            return (grad_acc, sq_acc + sq, aux_acc), None
 
         zeros = lambda like: jax.tree.map(lambda x: jnp.zeros(x.shape, acc_dtype), like)
         carry = (zeros(grads_like), jnp.zeros((), jnp.float32), zeros(aux_like))
@@ -260,9 +334,9 @@ def accumulate(
 
         mean = jax.tree.map(lambda a: a / micro_batches, grad_sum)
         noise = GradNoiseStats(
-            sq_norm_small=sq_sum / micro_batches,
+            sq_norm_small=sq_sum / (micro_batches * groups),
             sq_norm_big=_sq_norm(mean),
-            b_small=jnp.asarray(batch_size // micro_batches, jnp.int32),
+            b_small=jnp.asarray(batch_size // (micro_batches * groups), jnp.int32),
             b_big=jnp.asarray(batch_size, jnp.int32),
         )
         mean = jax.tree.map(lambda a, like: a.astype(like.dtype), mean, grads_like)
