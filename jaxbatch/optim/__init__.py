@@ -6,6 +6,7 @@
 - ``lamb``: LAMB (You et al. 2019); equals ``optax.lamb`` when masks and clips are off.
 - ``model_ema`` / ``model_ema_of_params`` / ``ema_decay``: model EMA with the batch-size scaling
   rule rho^(B / B_ref) (Busbridge et al. 2023).
+- ``vrgd`` / ``accumulate_with_moments``: GSNR-scaled gradients (Jiang et al. 2023).
 - ``masks``: ``exclude_bias_and_norm`` and ``from_rules`` (big_vision-style regex rules).
 """
 
@@ -15,6 +16,7 @@ from jaxbatch.optim.lamb import lamb
 from jaxbatch.optim.lars import lars
 from jaxbatch.optim.model_ema import ModelEmaState, ema_decay, model_ema, model_ema_of_params
 from jaxbatch.optim.trust_ratio import TrustRatioState, scale_by_trust_ratio, trust_ratio
+from jaxbatch.optim.vrgd import VRGDState, accumulate_with_moments, gsnr_multipliers, vrgd
 
 __all__ = [
     "AccumulateState",
@@ -30,4 +32,8 @@ __all__ = [
     "model_ema_of_params",
     "scale_by_trust_ratio",
     "trust_ratio",
+    "VRGDState",
+    "accumulate_with_moments",
+    "gsnr_multipliers",
+    "vrgd",
 ]
