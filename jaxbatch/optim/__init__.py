@@ -7,11 +7,14 @@
 - ``model_ema`` / ``model_ema_of_params`` / ``ema_decay``: model EMA with the batch-size scaling
   rule rho^(B / B_ref) (Busbridge et al. 2023).
 - ``vrgd`` / ``accumulate_with_moments``: GSNR-scaled gradients (Jiang et al. 2023).
+- ``agvm`` / ``accumulate_halves``: per-group learning-rate scales from two half-batch
+  gradients (Xue et al. 2022).
 - ``masks``: ``exclude_bias_and_norm`` and ``from_rules`` (big_vision-style regex rules).
 """
 
 from jaxbatch.optim import masks
 from jaxbatch.optim.accumulate import AccumulateState, GradNoiseStats, accumulate
+from jaxbatch.optim.agvm import AGVMState, accumulate_halves, agvm, split_halves
 from jaxbatch.optim.lamb import lamb
 from jaxbatch.optim.lars import lars
 from jaxbatch.optim.model_ema import ModelEmaState, ema_decay, model_ema, model_ema_of_params
@@ -36,4 +39,8 @@ __all__ = [
     "accumulate_with_moments",
     "gsnr_multipliers",
     "vrgd",
+    "AGVMState",
+    "accumulate_halves",
+    "agvm",
+    "split_halves",
 ]
