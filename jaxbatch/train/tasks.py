@@ -283,10 +283,16 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     if not chunked:
         choice = "reference", "config.loss.implementation='reference': the [B, L, V] logits"
     else:
-        reason = f"{implementation}: chunked linear cross-entropy"
+        # 'auto' resolved once, here, for the tokens one device's loss sees per micro-batch; an
+        # explicit 'pallas' the kernels cannot run raises (ValueError) instead of falling back.
+        tokens = cfg.batch_size // shards // cfg.micro_batches
+        tokens *= cfg.dataset.options.get("seq_len", model.max_len)
+        implementation, reason = losses.choose_linear_cross_entropy_implementation(
+            implementation, tokens, model.width, model.vocab_size, model.dtype
+        )
         if shards > 1:
-            reason += f", each device's token rows (shard_map over data × fsdp = {shards})"
-        choice = "xla", reason
+            reason += f"; each device's token rows (shard_map over data × fsdp = {shards})"
+        choice = implementation, reason
 
     def model_inputs(batch):
         """(model args, labels [B, L]) of a batch."""

@@ -39,3 +39,26 @@ def test_chunked_and_materialised_losses_agree_in_value_and_gradient(tie):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads
     )
+
+
+def _lm_task(*overrides):
+    cfg = config_lib.load_config("configs/stdlib_lm.py:runlocal", list(overrides))
+    return tasks.make_task(cfg)
+
+
+def test_the_task_records_what_the_cross_entropy_implementation_resolved_to():
+    # What the run prints at its start and stores under 'resolved' in config.json.
+    choices = _lm_task("loss.implementation=auto").choices
+    assert jax.default_backend() == "cpu"
+    assert choices["loss.implementation"] == "xla"
+    assert choices["loss.implementation.reason"].startswith("auto on cpu")
+    choices = _lm_task("loss.implementation=pallas").choices  # explicit: kept (the interpreter)
+    assert choices["loss.implementation"] == "pallas"
+    assert "Pallas interpreter" in choices["loss.implementation.reason"]
+
+
+def test_an_explicit_pallas_the_kernels_cannot_run_fails_when_the_task_is_built():
+    # D = 4,096 float32 exceeds the TPU kernels' VMEM budget (also used in interpret mode):
+    # a clear error before anything is traced, not a silent switch to the XLA form.
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run .*\[.*, 4096\]"):
+        _lm_task("loss.implementation=pallas", "model.width=4096", "model.heads=2")
