@@ -1,12 +1,16 @@
-"""The device mesh: axes ``('data', 'fsdp', 'tensor')`` over every device of every process.
+"""The device mesh: axes ``(data, fsdp, context, tensor)`` over every device of every process.
 
-- ``data``:   pure data parallelism. Parameters are replicated along it; the batch is split.
-- ``fsdp``:   data parallelism with ZeRO-3 / FSDP sharding: the batch is split *and* parameters and
-              optimizer state are sharded along it (gathered per layer by XLA when needed).
-- ``tensor``: tensor (model) parallelism: hidden, head and vocabulary dimensions are split.
+- ``data``:    pure data parallelism. Parameters are replicated along it; the batch is split.
+- ``fsdp``:    data parallelism with ZeRO-3 / FSDP sharding: the batch is split *and* parameters and
+               optimizer state are sharded along it (gathered per layer by XLA when needed).
+- ``context``: context (sequence) parallelism: the sequence of every activation is split, and
+               attention exchanges keys/values over it (``jaxbatch.nn.context_parallel``: ring,
+               Ulysses or all-gather). Size 1 (the default) is a no-op axis.
+- ``tensor``:  tensor (model) parallelism: hidden, head and vocabulary dimensions are split.
 
 The axis order is outermost → innermost by how much traffic it carries: ``data`` needs one gradient
-all-reduce per step, ``tensor`` communicates inside every layer. On a multi-host run the host (or
+all-reduce per step, ``context`` one K/V exchange per attention layer (a ring passes neighbour to
+neighbour), ``tensor`` an all-reduce inside every layer. On a multi-host run the host (or
 TPU-slice) boundary therefore falls on the ``data`` axis whenever ``data`` is a multiple of the
 number of hosts, so the slow network carries only the gradient all-reduce.
 """
@@ -22,31 +26,33 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, str, str, str] = ("data", "fsdp", "context", "tensor")
 """Mesh axis names, outermost first."""
 
 
 def resolve_mesh_shape(
-    num_devices: int, *, data: int = -1, fsdp: int = 1, tensor: int = 1
-) -> tuple[int, int, int]:
-    """Returns ``(data, fsdp, tensor)`` with at most one ``-1`` replaced by "the remaining devices".
+    num_devices: int, *, data: int = -1, fsdp: int = 1, tensor: int = 1, context: int = 1
+) -> tuple[int, int, int, int]:
+    """Returns ``(data, fsdp, context, tensor)`` (``MESH_AXES`` order) with at most one ``-1``
+    replaced by "the remaining devices".
 
-    The mesh must cover the devices exactly: data × fsdp × tensor = num_devices.
+    The mesh must cover the devices exactly: data × fsdp × context × tensor = num_devices.
 
     Args:
       num_devices: number of devices the mesh must cover.
       data: size of the ``data`` axis, or -1.
       fsdp: size of the ``fsdp`` axis, or -1.
       tensor: size of the ``tensor`` axis, or -1.
+      context: size of the ``context`` axis, or -1.
 
     Returns:
-      The three axis sizes, all positive.
+      The four axis sizes in ``MESH_AXES`` order, all positive.
 
     Raises:
       ValueError: a size that is neither positive nor -1, more than one -1, or a product that does
         not equal ``num_devices``.
     """
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "context": context, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
             raise TypeError(f"mesh axis {name}={size!r} must be an int (-1 for 'the rest')")
@@ -68,17 +74,18 @@ def resolve_mesh_shape(
         raise ValueError(
             f"mesh {_describe(sizes)} = {product} does not match {num_devices} devices"
         )
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return tuple(sizes[name] for name in MESH_AXES)
 
 
 def make_mesh(
     data: int = -1,
     fsdp: int = 1,
     tensor: int = 1,
+    context: int = 1,
     *,
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
-    """Builds the ``('data', 'fsdp', 'tensor')`` mesh over all devices of all processes.
+    """Builds the ``('data', 'fsdp', 'context', 'tensor')`` mesh over all devices of all processes.
 
     Device order: on TPU, ``jax.make_mesh`` follows the physical torus. With several TPU slices, or
     several processes on CPU/GPU, each slice (process) holds a contiguous block of the ``data`` axis
@@ -91,12 +98,15 @@ def make_mesh(
     Examples:
       >>> mesh = make_mesh(data=2, fsdp=-1)  # doctest: +SKIP
       >>> dict(mesh.shape)  # doctest: +SKIP
-      {'data': 2, 'fsdp': 4, 'tensor': 1}
+      {'data': 2, 'fsdp': 4, 'context': 1, 'tensor': 1}
+      >>> make_mesh(data=2, context=4).shape["context"]  # doctest: +SKIP
+      4
 
     Args:
       data: size of the ``data`` axis; -1 (the default) means "all remaining devices".
       fsdp: size of the ``fsdp`` axis (or -1).
       tensor: size of the ``tensor`` axis (or -1).
+      context: size of the ``context`` axis (or -1); the sequence is split over it.
       devices: the devices to lay out; defaults to ``jax.devices()`` (global, all processes). The
         mesh must use every one of them.
 
@@ -109,15 +119,15 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("make_mesh needs at least one device, got an empty device list")
-    shape = resolve_mesh_shape(len(devices), data=data, fsdp=fsdp, tensor=tensor)
+    shape = resolve_mesh_shape(len(devices), data=data, fsdp=fsdp, tensor=tensor, context=context)
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     granules = _granule_attribute(devices)
     if granules is not None:
         attr, count = granules
         if shape[0] % count == 0:
             device_array = mesh_utils.create_hybrid_device_mesh(
-                (shape[0] // count, shape[1], shape[2]),
-                (count, 1, 1),
+                (shape[0] // count, *shape[1:]),
+                (count,) + (1,) * (len(shape) - 1),
                 devices,
                 process_is_granule=attr == "process_index",
             )
@@ -128,7 +138,7 @@ def make_mesh(
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """Parses a ``--mesh`` flag such as ``"data=2,fsdp=4,tensor=1"`` into ``{'data': 2, ...}``.
 
-    Axes not named keep ``make_mesh``'s defaults (data=-1, fsdp=1, tensor=1).
+    Axes not named keep ``make_mesh``'s defaults (data=-1, fsdp=1, tensor=1, context=1).
 
     Args:
       spec: comma-separated ``axis=size`` pairs; sizes are ints, -1 means "the rest".
@@ -166,7 +176,8 @@ def mesh_from_config(
     """Builds the mesh from a config entry: a mapping (dict / ConfigDict) or a ``--mesh`` string.
 
     Args:
-      cfg: ``{'data': 2, 'fsdp': 4, 'tensor': 1}`` (any subset), or ``"data=2,fsdp=4"``.
+      cfg: ``{'data': 2, 'fsdp': 4, 'tensor': 1, 'context': 1}`` (any subset), or
+        ``"data=2,fsdp=4,context=2"``.
       devices: as in ``make_mesh``.
 
     Returns:
@@ -206,4 +217,9 @@ def _granule_attribute(devices: Sequence[jax.Device]) -> tuple[str, int] | None:
 
 
 def _describe(sizes: Mapping[str, int]) -> str:
-    return " × ".join(f"{name}={size}" for name, size in sizes.items())
+    # context=1 is left out, so the messages of meshes without sequence parallelism read as before.
+    return " × ".join(
+        f"{name}={sizes[name]}"
+        for name in MESH_AXES
+        if name in sizes and not (name == "context" and sizes[name] == 1)
+    )

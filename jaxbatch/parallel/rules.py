@@ -26,7 +26,10 @@ Why each entry:
   keeping them whole avoids an all-gather per norm.
 - ``layers → None``: the stacked axis of scanned layers; sharding it would be pipeline
   parallelism, which the mesh does not have.
-- ``length → None``: sequence parallelism is done explicitly (ring, ``shard_map``), not by rules.
+- ``length → 'context'``: context (sequence) parallelism: activations ``[batch, length, ...]`` are
+  split along the sequence over the ``context`` axis (size 1 unless a long-sequence mesh asks for
+  it). Attention, the one place where positions meet, exchanges keys/values explicitly inside
+  ``jax.shard_map`` (``jaxbatch.nn.context_parallel``); everything else is position-wise.
 
 References:
   Shoeybi et al., 2019, "Megatron-LM: Training Multi-Billion Parameter Language Models Using Model
@@ -54,7 +57,7 @@ DEFAULT_RULES: Rules = (
     ("conv_in", None),
     ("norm", None),
     ("layers", None),
-    ("length", None),
+    ("length", "context"),
 )
 """Logical axis name → mesh axes, in priority order."""
 

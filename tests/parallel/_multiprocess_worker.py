@@ -95,7 +95,7 @@ def main(out_path: str) -> None:
         process_count=jax.process_count(),
         global_devices=jax.device_count(),
         local_devices=jax.local_device_count(),
-        mesh_process_grid=[[d.process_index for d in row] for row in mesh.devices[:, :, 0]],
+        mesh_process_grid=[[d.process_index for d in row] for row in mesh.devices[:, :, 0, 0]],
         cpu_collectives=str(jax.config.jax_cpu_collectives_implementation),
     )
     with open(out_path, "w") as f:

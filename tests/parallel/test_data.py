@@ -23,7 +23,7 @@ def test_make_global_batch_single_process(eight_devices):
     by_device = {s.device: s for s in batch["label"].addressable_shards}
     for d in range(2):
         for f in range(4):
-            shard = by_device[mesh.devices[d, f, 0]]
+            shard = by_device[mesh.devices[d, f, 0, 0]]  # (data, fsdp, context, tensor)
             start = 2 * (4 * d + f)
             np.testing.assert_array_equal(np.asarray(shard.data), np.arange(start, start + 2))
 

@@ -12,10 +12,12 @@ R = parallel.DEFAULT_RULES
 @pytest.mark.parametrize(
     "names, expected",
     [
-        # Activations: the batch takes data and fsdp, so embed (fsdp) stays whole.
-        (("batch", "length", "embed"), P(("data", "fsdp"), None, None)),
-        (("batch", "length", "heads", "kv"), P(("data", "fsdp"), None, "tensor", None)),
-        (("batch", "length", "vocab"), P(("data", "fsdp"), None, "tensor")),
+        # Activations: the batch takes data and fsdp, so embed (fsdp) stays whole; the sequence
+        # goes on context (context parallelism), heads and vocabulary on tensor.
+        (("batch", "length", "embed"), P(("data", "fsdp"), "context", None)),
+        (("batch", "length", "heads", "kv"), P(("data", "fsdp"), "context", "tensor", None)),
+        (("batch", "length", "vocab"), P(("data", "fsdp"), "context", "tensor")),
+        (("batch", "length"), P(("data", "fsdp"), "context")),
         # Parameters: FSDP on embed, Megatron on mlp / heads / vocab.
         (("embed", "mlp"), P("fsdp", "tensor")),
         (("mlp", "embed"), P("tensor", "fsdp")),

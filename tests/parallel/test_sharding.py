@@ -108,7 +108,7 @@ def test_logical_to_mesh_sharding_accepts_logical_specs(eight_devices):
     shardings = _by_path(parallel.logical_to_mesh_sharding(specs, mesh))
     assert shardings["params/up/kernel"].spec == P("fsdp", "tensor")
     activation = parallel.logical_to_mesh_sharding({"h": P("batch", "length", "embed")}, mesh)
-    assert activation["h"].spec == P(("data", "fsdp"), None, None)
+    assert activation["h"].spec == P(("data", "fsdp"), "context", None)  # length → context
 
 
 def _apply(model, variables, tokens, image):
