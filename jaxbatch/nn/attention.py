@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxbatch.nn import compressed_activations
+
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked", "cudnn", "pallas_tpu", "auto")
 DEFAULT_CHUNK_SIZE = 512
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -311,12 +313,16 @@ def rows_with_a_visible_key(
 
 def reference_attention(
     q, k, v, *, causal=False, query_segment_ids=None, key_segment_ids=None, key_mask=None,
-    query_offset=0, mask=None,
+    query_offset=0, mask=None, compress_softmax=False,
 ) -> jax.Array:  # fmt: skip
     """The materialising oracle: logits [B, H, Tq, Tk] in float32, masked, softmax, · v.
 
     ``mask`` (optional, broadcastable to [B, H, Tq, Tk]) is ANDed with the other masks; it is how
     the layers' legacy ``mask`` argument reaches attention. Rows with no visible key give 0.
+    ``compress_softmax=True`` ('softmax' of ``compress_activations``) keeps the probabilities
+    for the backward pass as int8 with one scale per row
+    (``jaxbatch.nn.compressed_activations.compressed_softmax_values``): the same forward, a
+    quarter of the float32 bytes of the [B, H, Tq, Tk] residual.
     """
     b, tq, _, d = q.shape
     tk = k.shape[1]
@@ -329,8 +335,12 @@ def reference_attention(
         visible = visible & mask
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(visible, logits / math.sqrt(d), jnp.finfo(jnp.float32).min)
+    seen = jnp.any(visible, axis=-1, keepdims=True)  # [B, 1 or H, Tq, 1]
+    if compress_softmax:
+        out = compressed_activations.compressed_softmax_values(logits, v)
+        return jnp.where(jnp.swapaxes(seen, 1, 2), out, 0.0).astype(v.dtype)
     probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
+    probs = jnp.where(seen, probs, 0.0).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 

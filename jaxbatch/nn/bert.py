@@ -6,8 +6,14 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from jaxbatch.nn import attention as attention_lib
+from jaxbatch.nn import compressed_activations
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
-from jaxbatch.nn.layers import MlpBlock, MultiHeadAttention, layer_norm
+from jaxbatch.nn.layers import (
+    MlpBlock,
+    MultiHeadAttention,
+    check_softmax_compression,
+    layer_norm,
+)
 from jaxbatch.nn.remat import get_policy, remat_module
 
 BERT_PAD_ID = 0
@@ -30,24 +36,28 @@ class BertBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention: str = "auto"
     attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
+    compress_activations: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        names = tuple(self.compress_activations)
+        compress_ln = compressed_activations.LAYER_NORM_INPUT in names
         h = MultiHeadAttention(
             self.num_heads,
             **kw,
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
+            compress_softmax=compressed_activations.SOFTMAX in names,
             name="attn",
         )(x, key_mask=key_mask)
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
-        x = layer_norm(**kw, name="ln_attn")(x + h)
-        h = MlpBlock(self.mlp_dim, self.dropout, **kw, name="mlp")(
+        x = layer_norm(**kw, name="ln_attn", compress=compress_ln)(x + h)
+        h = MlpBlock(self.mlp_dim, self.dropout, **kw, compress_activations=names, name="mlp")(
             x, deterministic=self.deterministic
         )
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
-        x = layer_norm(**kw, name="ln_mlp")(x + h)
+        x = layer_norm(**kw, name="ln_mlp", compress=compress_ln)(x + h)
         return constrain(x, (BATCH, LENGTH, EMBED)), None
 
 
@@ -86,6 +96,10 @@ class BertMLM(nn.Module):
         splash kernel on TPU, the chunked XLA attention elsewhere, since cuDNN takes no general
         key mask; see ``choose_attention_implementation``).
       attention_chunk_size: query/key block of the 'chunked' attention.
+      compress_activations: names from ``jaxbatch.nn.compressed_activations.COMPRESSIBLE`` of the
+        saved activations kept as int8 for the backward pass: 'mlp_input', 'layer_norm_input'
+        (every layer norm of the encoder, the embedding one included), 'softmax' (needs
+        ``attention='reference'``).
       dtype: compute dtype (logits are returned in float32).
       param_dtype: parameter dtype.
     """
@@ -102,6 +116,7 @@ class BertMLM(nn.Module):
     remat_policy: str = "none"
     attention: str = "auto"
     attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
+    compress_activations: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -112,6 +127,12 @@ class BertMLM(nn.Module):
                 f"BertMLM: unknown attention {self.attention!r}; expected one of "
                 f"{attention_lib.IMPLEMENTATIONS}"
             )
+        names = compressed_activations.validate_names(
+            self.compress_activations, where="BertMLM.compress_activations"
+        )
+        check_softmax_compression(
+            compressed_activations.SOFTMAX in names, self.attention, "BertMLM"
+        )
         chunk = self.attention_chunk_size
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
             raise ValueError(f"BertMLM: attention_chunk_size must be a positive int, got {chunk!r}")
@@ -151,7 +172,10 @@ class BertMLM(nn.Module):
             self.param_dtype,
         )
         x = embed(input_ids) + pos[:length].astype(self.dtype)
-        x = layer_norm(**kw, name="embed_norm")(x)
+        names = tuple(self.compress_activations or ())
+        x = layer_norm(
+            **kw, name="embed_norm", compress=compressed_activations.LAYER_NORM_INPUT in names
+        )(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = constrain(x, (BATCH, LENGTH, EMBED))
         key_mask = input_ids != self.pad_id  # [B, L]
@@ -163,6 +187,7 @@ class BertMLM(nn.Module):
             deterministic=not train,
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
+            compress_activations=names,
             **kw,
         )
         if self.scan_layers:

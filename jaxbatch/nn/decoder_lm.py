@@ -5,14 +5,34 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from jaxbatch.nn import streambp
+from jaxbatch.nn import compressed_activations, streambp
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
-from jaxbatch.nn.layers import layer_norm, pre_ln_block
+from jaxbatch.nn.layers import check_softmax_compression, layer_norm, pre_ln_block
 from jaxbatch.nn.remat import get_policy, remat_module
 
 BACKPROP_MODES = ("full", "remat", "streambp")
 # compress_activations name: streambp keeps the layer-boundary states as int8.
 LAYER_INPUT = "layer_input"
+# Every name DecoderLM.compress_activations takes: the block-level ones, then 'layer_input'.
+COMPRESSIBLE: tuple[str, ...] = (*compressed_activations.COMPRESSIBLE, LAYER_INPUT)
+
+
+def _compress_names(names) -> tuple[str, ...]:
+    """DecoderLM.compress_activations as a tuple, every name checked against COMPRESSIBLE."""
+    if names is None:
+        return ()
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(
+            f"DecoderLM: compress_activations={names!r}; expected a tuple of names from "
+            f"{COMPRESSIBLE}"
+        )
+    unknown = [n for n in names if n not in COMPRESSIBLE]
+    if unknown:
+        raise ValueError(
+            f"DecoderLM: compress_activations has unknown name(s) {unknown}; expected names from "
+            f"{COMPRESSIBLE}"
+        )
+    return tuple(names)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -39,6 +59,7 @@ class DecoderBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention: str = "auto"
     attention_chunk_size: int = 512
+    compress_activations: tuple[str, ...] = ()  # block-level names, read by pre_ln_block
 
     @nn.compact
     def __call__(
@@ -98,9 +119,14 @@ class DecoderLM(nn.Module):
       attention_chunk_size: query chunk of the chunked attention.
       backprop: one of :data:`BACKPROP_MODES`.
       stream_chunk_size: positions per chunk of 'streambp' (1 <= it <= sequence length).
-      compress_activations: () or ('layer_input',): with 'streambp', the block inputs kept for
-        the backward pass are int8 with one scale per position (a quarter of the f32 bytes; the
-        gradient becomes that at the dequantized inputs).
+      compress_activations: names from :data:`COMPRESSIBLE` of the saved activations kept as
+        int8 for the backward pass (``jaxbatch.nn.compressed_activations``; Mesa / GACT):
+        'mlp_input' (the GELU input), 'layer_norm_input' (the inputs of every layer norm, the
+        final one included), 'softmax' (the attention probabilities; needs
+        ``attention='reference'``, the only implementation that stores them), with any
+        ``backprop``; 'layer_input' (with 'streambp' only): the block inputs kept for the backward
+        pass are int8 with one scale per position (a quarter of the f32 bytes; the gradient
+        becomes that at the dequantized inputs).
     """
 
     vocab_size: int = 258
@@ -143,22 +169,25 @@ class DecoderLM(nn.Module):
                 f"{self.remat_policy!r} (it recomputes whole blocks); use remat_policy='none' or "
                 "backprop='full'"
             )
-        compress = tuple(self.compress_activations)
-        if compress not in ((), (LAYER_INPUT,)):
+        compress = _compress_names(self.compress_activations)
+        if LAYER_INPUT in compress and self.backprop != "streambp":
             raise ValueError(
-                f"DecoderLM: compress_activations={compress!r}; supported: () or "
-                f"({LAYER_INPUT!r},) (with backprop='streambp')"
+                f"DecoderLM: compress_activations {LAYER_INPUT!r} (int8 block inputs) needs "
+                f"backprop='streambp', got backprop={self.backprop!r}"
             )
-        if compress and self.backprop != "streambp":
-            raise ValueError(
-                f"DecoderLM: compress_activations=({LAYER_INPUT!r},) needs backprop='streambp', "
-                f"got backprop={self.backprop!r}"
-            )
+        check_softmax_compression(
+            compressed_activations.SOFTMAX in compress, self.attention, "DecoderLM"
+        )
         for name in ("stream_chunk_size", "attention_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DecoderLM: {name} must be a positive int, got {value!r}")
         super().__post_init__()
+
+    @property
+    def _block_compress(self) -> tuple[str, ...]:
+        """The block-level names of compress_activations (all but 'layer_input')."""
+        return tuple(n for n in _compress_names(self.compress_activations) if n != LAYER_INPUT)
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -181,6 +210,7 @@ class DecoderLM(nn.Module):
             mlp_dim=self.mlp_dim,
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
+            compress_activations=self._block_compress,
             **kw,
         )
         if self.scan_layers:
@@ -195,7 +225,8 @@ class DecoderLM(nn.Module):
             self.layers = scanned(**block_kw)
         else:
             self.layers = [block_cls(**block_kw) for _ in range(self.depth)]
-        self.final_norm = layer_norm(**kw)
+        compress_ln = compressed_activations.LAYER_NORM_INPUT in self._block_compress
+        self.final_norm = layer_norm(**kw, compress=compress_ln)
         if not self.tie_embeddings:
             self.head_kernel = self.param(
                 "head_kernel",
@@ -236,6 +267,7 @@ class DecoderLM(nn.Module):
             param_dtype=self.param_dtype,
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
+            compress_activations=self._block_compress,
         )
         return streambp.streambp_stack(
             pre_fn,
@@ -245,7 +277,7 @@ class DecoderLM(nn.Module):
             segment_ids,
             chunk_size=self.stream_chunk_size,
             scanned=self.scan_layers,
-            int8_input=LAYER_INPUT in self.compress_activations,
+            int8_input=LAYER_INPUT in _compress_names(self.compress_activations),
         )
 
     def hidden(

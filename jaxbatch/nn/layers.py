@@ -34,6 +34,18 @@ def layer_norm(
     )
 
 
+def check_softmax_compression(compress: bool, attention: str, where: str) -> None:
+    """Raises ValueError when softmax compression is asked of an attention that keeps no
+    probabilities (every implementation but 'reference' recomputes them in the backward)."""
+    if compress and attention != "reference":
+        raise ValueError(
+            f"{where}: compress_activations 'softmax' keeps the attention probabilities as int8, "
+            f"which only attention='reference' stores; got attention={attention!r} (the chunked "
+            "and kernel implementations save no probabilities: drop 'softmax' or use "
+            "attention='reference')"
+        )
+
+
 def causal_mask(length: int) -> jax.Array:
     """[1, 1, L, L] boolean mask, True where query i may attend to key j (j <= i)."""
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
@@ -161,6 +173,9 @@ class MultiHeadAttention(nn.Module):
       num_heads: heads H (must divide the width).
       attention: an implementation name from ``jaxbatch.nn.attention.IMPLEMENTATIONS``.
       attention_chunk_size: the query/key block of the 'chunked' implementation.
+      compress_softmax: keep the attention probabilities for the backward pass as int8 ('softmax'
+        of ``compress_activations``); only the 'reference' implementation stores them (the others
+        recompute them from q, k, v), so it needs ``attention='reference'``.
     """
 
     num_heads: int
@@ -168,6 +183,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention: str = "reference"
     attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
+    compress_softmax: bool = False
 
     def setup(self):
         if self.attention not in attention_lib.IMPLEMENTATIONS:
@@ -175,6 +191,7 @@ class MultiHeadAttention(nn.Module):
                 f"MultiHeadAttention: unknown attention {self.attention!r}; expected one of "
                 f"{attention_lib.IMPLEMENTATIONS}"
             )
+        check_softmax_compression(self.compress_softmax, self.attention, "MultiHeadAttention")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.query = _SplitHeads(self.num_heads, **kw)
         self.key = _SplitHeads(self.num_heads, **kw)
@@ -217,7 +234,11 @@ class MultiHeadAttention(nn.Module):
                     "mask, which only 'reference' (or 'auto') takes; pass causal / segment_ids / "
                     "key_mask instead"
                 )
-            y = attention_lib.reference_attention(q, k, v, mask=mask, **kw)
+            y = attention_lib.reference_attention(
+                q, k, v, mask=mask, compress_softmax=self.compress_softmax, **kw
+            )
+        elif self.compress_softmax:
+            y = attention_lib.reference_attention(q, k, v, compress_softmax=True, **kw)
         else:
             y = attention_lib.dot_product_attention(
                 q, k, v, implementation=self.attention, chunk_size=self.attention_chunk_size, **kw
@@ -309,11 +330,11 @@ def pre_ln_block(
     broadcastable mask; ``causal`` / ``segment_ids`` / ``key_mask`` build no [T, T] array.
     ``block.compress_activations`` (optional, default ()) names the saved activations kept as
     int8 for the backward pass (``jaxbatch.nn.compressed_activations.COMPRESSIBLE``: the MLP
-    input and the layer-norm inputs here).
+    input, the layer-norm inputs and, with the 'reference' attention, the softmax output).
     """
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
     names = tuple(getattr(block, "compress_activations", ()))
-    compress_ln = "layer_norm_input" in names
+    compress_ln = compressed_activations.LAYER_NORM_INPUT in names
     h = layer_norm(**kw, name="ln_attn", compress=compress_ln)(x)
     h = MultiHeadAttention(
         block.num_heads,
@@ -322,6 +343,7 @@ def pre_ln_block(
         attention_chunk_size=getattr(
             block, "attention_chunk_size", attention_lib.DEFAULT_CHUNK_SIZE
         ),
+        compress_softmax=compressed_activations.SOFTMAX in names,
         name="attn",
     )(h, mask, causal=causal, segment_ids=segment_ids, key_mask=key_mask)
     x = x + nn.Dropout(block.dropout)(h, deterministic=deterministic)

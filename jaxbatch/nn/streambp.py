@@ -246,6 +246,7 @@ def pre_ln_block_fns(
     param_dtype: Any = jnp.float32,
     attention: str = "reference",
     attention_chunk_size: int = 512,
+    compress_activations: Sequence[str] = (),
 ) -> tuple[PreFn, ChunkFn]:
     """(pre_fn, chunk_fn) of a causal :func:`jaxbatch.nn.layers.pre_ln_block` (no dropout), for
     :func:`streambp_layer` on that block's parameter tree {ln_attn, attn/{query, key, value, out},
@@ -256,13 +257,23 @@ def pre_ln_block_fns(
     causal from the chunk's offset, within the segment), then x + mlp(LN_mlp(x)), with the
     block's own sub-modules (and so the same numbers). The auxiliary input is the segment ids
     [B, T] of packed sequences, or None. ``attention`` / ``attention_chunk_size``: the attention
-    implementation (``jaxbatch.nn.attention``) and its block.
+    implementation (``jaxbatch.nn.attention``) and its block. ``compress_activations``: the
+    block's int8-saved activations (``jaxbatch.nn.compressed_activations.COMPRESSIBLE``), which
+    here shrink what one chunk's VJP keeps.
     """
+    names = compressed_activations.validate_names(compress_activations)
     kw = dict(dtype=dtype, param_dtype=param_dtype, parent=None)
-    norm = nn.LayerNorm(**kw)
-    mlp = layers.MlpBlock(mlp_dim, 0.0, **kw)
+    if compressed_activations.LAYER_NORM_INPUT in names:
+        norm = compressed_activations.CompressedLayerNorm(**kw)
+    else:
+        norm = nn.LayerNorm(**kw)
+    mlp = layers.MlpBlock(mlp_dim, 0.0, **kw, compress_activations=names)
     mha = layers.MultiHeadAttention(
-        num_heads, attention=attention, attention_chunk_size=attention_chunk_size, **kw
+        num_heads,
+        attention=attention,
+        attention_chunk_size=attention_chunk_size,
+        compress_softmax=compressed_activations.SOFTMAX in names,
+        **kw,
     )
 
     def pre_fn(params, z, segment_ids):

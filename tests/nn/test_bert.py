@@ -71,3 +71,28 @@ def test_default_attention_builds_no_length_by_length_array():
 def test_bad_attention_options_fail_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         _bert(**kw)
+
+
+def test_compressed_activations_keep_the_forward_and_bound_the_gradient():
+    # Every block-level name (int8 GELU, layer-norm inputs and attention probabilities):
+    # the same loss, the parameter gradient within 5 % (relative, whole tree).
+    ids, positions, labels = _batch()
+    names = ("mlp_input", "layer_norm_input", "softmax")
+    params = _bert(attention="reference").init(jax.random.key(0), ids, positions)
+
+    def loss(params, compress):
+        model = _bert(attention="reference", compress_activations=compress)
+        logp = jax.nn.log_softmax(model.apply(params, ids, positions))
+        return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+
+    fast = {"xla_backend_optimization_level": 0}
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1, compiler_options=fast)
+    (want, want_g), (got, got_g) = step(params, ()), step(params, names)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    flat = [jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (want_g, got_g)]
+    rel = float(jnp.linalg.norm(flat[1] - flat[0]) / jnp.linalg.norm(flat[0]))
+    assert 0 < rel < 0.05, rel
+    with pytest.raises(ValueError, match="only attention='reference' stores"):
+        _bert(compress_activations=("softmax",))
+    with pytest.raises(ValueError, match=r"unknown activation name\(s\) \['gelu'\]"):
+        _bert(compress_activations=("gelu",))

@@ -1,6 +1,8 @@
 """DecoderLM: scanned vs unrolled layers, causality, hidden states, sharding under a mesh; packed
 sequences; backprop 'remat' and 'streambp' give the gradients of 'full' with less memory."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -255,8 +257,86 @@ def test_int8_layer_inputs_keep_the_gradient_close_and_save_memory(fast_jit):
     assert 0 < rel < 0.05, rel  # int8 inputs: a small, nonzero error (measured 0.014)
     with pytest.raises(ValueError, match="needs backprop='streambp'"):
         DecoderLM(**SMALL, compress_activations=("layer_input",))
-    with pytest.raises(ValueError, match=r"compress_activations=\('softmax',\)"):
+    with pytest.raises(ValueError, match="only attention='reference' stores; got attention='auto'"):
         DecoderLM(**SMALL, backprop="streambp", compress_activations=("softmax",))
     stream = _temp_bytes("streambp", 256, depth=8)
     stream_int8 = _temp_bytes("streambp", 256, depth=8, compress_activations=("layer_input",))
     assert stream_int8 < 0.9 * stream, (stream_int8, stream)  # measured 0.82 at 8 layers
+
+
+BLOCK_NAMES = ("mlp_input", "layer_norm_input", "softmax")
+COMPRESSED = dict(vocab_size=64, width=32, depth=2, heads=2, mlp_dim=128, attention="reference")
+
+
+def _lm_loss(model, tokens, labels):
+    def loss(params):
+        h = model.apply({"params": params}, tokens, method="hidden")
+        w = model.apply({"params": params}, method="output_kernel")
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+
+    return loss
+
+
+def _compressed_lm(backprop, names, length):
+    return DecoderLM(**COMPRESSED, max_len=length, backprop=backprop, compress_activations=names)
+
+
+@pytest.fixture(scope="module")
+def uncompressed_gradient():
+    tokens = _tokens(length=16, seed=4) % COMPRESSED["vocab_size"]
+    labels = jnp.roll(tokens, -1, axis=1)
+    model = _compressed_lm("full", (), 16)
+    params = nn.meta.unbox(model.init(jax.random.key(2), tokens)["params"])
+    fast = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    loss_of = lambda m: _lm_loss(m, tokens, labels)  # noqa: E731
+    return fast, loss_of, params, fast(jax.value_and_grad(loss_of(model)))(params)
+
+
+def _memory_lm_temp(backprop, names, length=64):
+    model = _compressed_lm(backprop, names, length)
+    tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
+    params = jax.eval_shape(lambda t: nn.meta.unbox(model.init(jax.random.key(0), t)), tokens)
+
+    def loss(p, t):
+        return _lm_loss(model, t, t)(p["params"])
+
+    fast = {"xla_backend_optimization_level": 0}
+    compiled = jax.jit(jax.grad(loss), compiler_options=fast).lower(params, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("backprop", ["full", "remat"])
+def test_block_compression_keeps_the_forward_bounds_the_gradient_and_saves_memory(
+    backprop, uncompressed_gradient
+):
+    # Bound: relative error of the whole parameter gradient under 5 % with every block-level
+    # name (int8 GELU inputs, layer-norm inputs and attention probabilities; measured 0.74 % for
+    # 'full' and 'remat' alike at T = 16); the forward (loss) is exact.
+    fast, loss_of, params, (want, want_g) = uncompressed_gradient
+    got, got_g = fast(jax.value_and_grad(loss_of(_compressed_lm(backprop, BLOCK_NAMES, 16))))(
+        params
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    flat_w, flat_g = (
+        jnp.concatenate([g.ravel() for g in jax.tree.leaves(t)]) for t in (want_g, got_g)
+    )
+    rel = float(jnp.linalg.norm(flat_g - flat_w) / jnp.linalg.norm(flat_w))
+    assert 0 < rel < 0.05, rel
+    # Compiled temporaries (T = 64, B = 2): measured full 0.37x, remat 0.78x of uncompressed.
+    plain, compressed = (_memory_lm_temp(backprop, n) for n in ((), BLOCK_NAMES))
+    assert compressed < (0.5 if backprop == "full" else 0.9) * plain, (compressed, plain)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(compress_activations=("mlp",)), r"unknown name\(s\) \['mlp'\]; expected names from "
+         r"\('mlp_input', 'layer_norm_input', 'softmax', 'layer_input'\)"),
+        (dict(compress_activations="softmax"), "expected a tuple of names"),
+        (dict(compress_activations=("softmax",), attention="chunked"),
+         "only attention='reference' stores; got attention='chunked'"),
+    ],
+)  # fmt: skip
+def test_bad_compression_names_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DecoderLM(**SMALL, **kw)
