@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbatch.losses._contrastive_reference import KINDS
+from pallas_kernels._common import kernel_family
 from pallas_kernels.contrastive import _common, gpu, tpu
 from pallas_kernels.contrastive._common import BlockSizes, Plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
-# jax.default_backend() names -> kernel family; 'cpu' runs the TPU kernels in interpret mode.
-_BACKENDS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "tpu"}
 
 
 def contrastive_loss(
@@ -111,19 +110,7 @@ def resolve_plan(
       NotImplementedError: a backend without kernels, 'cpu' without interpret mode, or tiles that
         break the target's tiling rules.
     """
-    platform = jax.default_backend() if backend is None else backend
-    if platform not in _BACKENDS:
-        raise NotImplementedError(
-            f"no contrastive Pallas kernel for backend {platform!r}; "
-            f"expected one of {sorted(_BACKENDS)}"
-        )
-    family = _BACKENDS[platform]
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"  # no accelerator to run compiled kernels on
-    if platform == "cpu" and not interpret:
-        raise NotImplementedError(
-            "on the 'cpu' backend the Pallas kernels only run with interpret=True"
-        )
+    family, interpret = kernel_family("contrastive", backend, interpret)
     blocks = _block_sizes(block_size, family, n, d, dtype)
     try:
         return _common.plan(kind, n, d, dtype, blocks, family, interpret)

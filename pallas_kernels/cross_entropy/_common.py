@@ -157,6 +157,18 @@ class Plan:
     interpret: bool
 
 
+def _tpu_tile(size: int, blocks: BlockSizes, name: str, multiple: int, why: str = "") -> int:
+    """The TPU tile of a dim: one tile of the dim rounded up to ``multiple`` when it fits in
+    ``blocks.<name>``, else that block, which must then be a multiple of ``multiple``."""
+    block = getattr(blocks, name)
+    if size <= block:
+        return _round_up(size, multiple)
+    if block % multiple:
+        what = "token blocks" if name == "block_tokens" else "vocabulary tiles"
+        raise ValueError(f"TPU {what} must be multiples of {multiple}{why}, got {name}={block}")
+    return block
+
+
 def plan(t: int, d: int, v: int, dtype, blocks: BlockSizes, backend: str, interpret: bool) -> Plan:
     """Pads the problem to whole tiles that satisfy ``backend``'s tiling rules.
 
@@ -168,24 +180,8 @@ def plan(t: int, d: int, v: int, dtype, blocks: BlockSizes, backend: str, interp
     """
     if backend == "tpu":
         sublanes = TPU_SUBLANES[jnp.dtype(dtype).itemsize]
-        if t <= blocks.block_tokens:
-            bt = _round_up(t, sublanes)
-        elif blocks.block_tokens % sublanes:
-            raise ValueError(
-                f"TPU token blocks must be multiples of {sublanes} for {jnp.dtype(dtype)}, "
-                f"got block_tokens={blocks.block_tokens}"
-            )
-        else:
-            bt = blocks.block_tokens
-        if v <= blocks.block_vocab:
-            bv = _round_up(v, TPU_LANES)
-        elif blocks.block_vocab % TPU_LANES:
-            raise ValueError(
-                f"TPU vocabulary tiles must be multiples of {TPU_LANES}, "
-                f"got block_vocab={blocks.block_vocab}"
-            )
-        else:
-            bv = blocks.block_vocab
+        bt = _tpu_tile(t, blocks, "block_tokens", sublanes, f" for {jnp.dtype(dtype)}")
+        bv = _tpu_tile(v, blocks, "block_vocab", TPU_LANES)
         need = tpu_vmem_bytes(bt, bv, d, jnp.dtype(dtype).itemsize)
         if need > TPU_VMEM_BUDGET:
             raise ValueError(

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxbatch.losses.linear_cross_entropy import check_inputs, label_mask
+from pallas_kernels._common import kernel_family
 from pallas_kernels.cross_entropy import _common, gpu, tpu
 from pallas_kernels.cross_entropy._common import BlockSizes, Plan
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
-# jax.default_backend() names -> kernel family; 'cpu' runs the TPU kernels in interpret mode.
-_BACKENDS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "tpu"}
 
 
 def linear_cross_entropy(
@@ -119,19 +118,7 @@ def resolve_plan(
     _common.check_supported_dtype(dtype)
     if w_dtype != dtype:
         raise NotImplementedError(f"h and w must share a dtype, got {dtype} and {w_dtype}")
-    platform = jax.default_backend() if backend is None else backend
-    if platform not in _BACKENDS:
-        raise NotImplementedError(
-            f"no cross-entropy Pallas kernel for backend {platform!r}; "
-            f"expected one of {sorted(_BACKENDS)}"
-        )
-    family = _BACKENDS[platform]
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"  # no accelerator to run compiled kernels on
-    if platform == "cpu" and not interpret:
-        raise NotImplementedError(
-            "on the 'cpu' backend the Pallas kernels only run with interpret=True"
-        )
+    family, interpret = kernel_family("cross-entropy", backend, interpret)
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(family, t, d, v, dtype)
     elif not isinstance(block_sizes, BlockSizes):

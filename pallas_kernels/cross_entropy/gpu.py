@@ -54,15 +54,25 @@ def _logits(h_ref, rows, w_ref, cols, plan: Plan) -> jax.Array:
     return lax.fori_loop(0, plan.d_pad // bd, body, init)
 
 
-def _zero(ref, plan: Plan) -> None:
-    """Zeroes a [rows, d_pad] f32 output block, one feature chunk at a time."""
+def _each_feature_chunk(update, plan: Plan) -> None:
+    """``update(feats)`` for the feature chunks pl.ds(k·bd, bd), k = 0 .. d_pad / bd − 1, in a
+    loop (a program's registers then hold one [rows, bd] chunk of its output block)."""
     bd = plan.block_d
 
     def body(k, carry):
-        ref[:, pl.ds(k * bd, bd)] = jnp.zeros((ref.shape[0], bd), jnp.float32)
+        update(pl.ds(k * bd, bd))
         return carry
 
     lax.fori_loop(0, plan.d_pad // bd, body, 0)
+
+
+def _zero(ref, plan: Plan) -> None:
+    """Zeroes a [rows, d_pad] f32 output block, one feature chunk at a time."""
+
+    def update(feats):
+        ref[:, feats] = jnp.zeros((ref.shape[0], plan.block_d), jnp.float32)
+
+    _each_feature_chunk(update, plan)
 
 
 def _forward_kernel(labels_ref, h_ref, w_ref, lse_ref, tgt_ref, *, plan: Plan):
@@ -90,7 +100,7 @@ def _forward_kernel(labels_ref, h_ref, w_ref, lse_ref, tgt_ref, *, plan: Plan):
 
 def _grad_h_kernel(labels_ref, lse_ref, g_lse_ref, g_tgt_ref, h_ref, w_ref, dh_ref, *, plan):
     """dh_blk = Σ_tiles G·w_tileᵀ for one token block, added chunk by chunk into dh_ref."""
-    bt, bv, bd = plan.block_tokens, plan.block_vocab, plan.block_d
+    bt, bv = plan.block_tokens, plan.block_vocab
     rows = pl.ds(0, bt)
     labels, lse = labels_ref[...][:, None], lse_ref[...][:, None]  # [bt, 1]
     g_lse, g_tgt = g_lse_ref[...][:, None], g_tgt_ref[...][:, None]  # [bt, 1]
@@ -102,12 +112,11 @@ def _grad_h_kernel(labels_ref, lse_ref, g_lse_ref, g_tgt_ref, h_ref, w_ref, dh_r
         ids = _common.vocab_ids(j * bv, logits.shape)
         grad = _common.grad_tile(logits, ids, plan.v, labels, lse, g_lse, g_tgt)
 
-        def chunk(k, carry):
-            feats = pl.ds(k * bd, bd)
+        def update(feats):
             dh_ref[:, feats] += _common.grad_times_w(grad, w_ref[feats, cols])  # [bt, bd]
-            return carry
 
-        return lax.fori_loop(0, plan.d_pad // bd, chunk, carry)
+        _each_feature_chunk(update, plan)
+        return carry
 
     lax.fori_loop(0, plan.v_pad // bv, tile, 0)
 
@@ -115,7 +124,7 @@ def _grad_h_kernel(labels_ref, lse_ref, g_lse_ref, g_tgt_ref, h_ref, w_ref, dh_r
 def _grad_w_kernel(labels_ref, lse_ref, g_lse_ref, g_tgt_ref, h_ref, w_ref, dwt_ref, *, plan):
     """dwᵀ_tile = Σ_blocks Gᵀ·h_blk for one vocabulary tile, added chunk by chunk into dwt_ref."""
     j = pl.program_id(0)
-    bt, bv, bd = plan.block_tokens, plan.block_vocab, plan.block_d
+    bt, bv = plan.block_tokens, plan.block_vocab
     cols = pl.ds(0, bv)
     _zero(dwt_ref, plan)
 
@@ -133,12 +142,11 @@ def _grad_w_kernel(labels_ref, lse_ref, g_lse_ref, g_tgt_ref, h_ref, w_ref, dwt_
             g_tgt_ref[rows][:, None],
         )  # [bt, bv]
 
-        def chunk(k, carry):
-            feats = pl.ds(k * bd, bd)
+        def update(feats):
             dwt_ref[:, feats] += _common.grad_t_times_h(grad, h_ref[rows, feats])  # [bv, bd]
-            return carry
 
-        return lax.fori_loop(0, plan.d_pad // bd, chunk, carry)
+        _each_feature_chunk(update, plan)
+        return carry
 
     lax.fori_loop(0, plan.t_pad // bt, block, 0)
 
@@ -170,59 +178,53 @@ def forward(h: jax.Array, w: jax.Array, labels: jax.Array, plan: Plan):
     return lse, tgt
 
 
+def _grad_call(kernel, what, grid, specs, out_rows, h, w, rows, plan: Plan) -> jax.Array:
+    """One backward kernel: ``specs`` = (row, h block, w block, output block) BlockSpecs over
+    ``grid``; output [out_rows, d_pad] f32; ``rows`` = (labels, lse, g_lse, g_tgt) [t_pad]."""
+    row, h_spec, w_spec, out_spec = specs
+    d = h.shape[1]
+
+    def run(operands, axes):
+        return pl.pallas_call(
+            functools.partial(kernel, plan=plan),
+            grid=grid,
+            in_specs=[row, row, row, row, h_spec, w_spec],
+            out_specs=out_spec,
+            out_shape=jax.ShapeDtypeStruct((out_rows, d), jnp.float32, manual_axis_type=axes),
+            compiler_params=_compiler_params(plan),
+            interpret=plan.interpret,
+            name=f"linear_cross_entropy_bwd_{what}",
+        )(*operands)
+
+    scope = f"linear_cross_entropy_gpu_bwd_{what}_bt{plan.block_tokens}_bv{plan.block_vocab}"
+    with jax.named_scope(scope):
+        return _common.call_kernel(plan, run, *rows, h, w)
+
+
 def grad_h(h, w, labels, lse, g_lse, g_tgt, plan: Plan) -> jax.Array:
     """dh [t_pad, d_pad] f32 = G·wᵀ with G = g_lse·softmax + g_tgt·onehot (rows [t_pad] f32)."""
     t_pad, d = h.shape
     bt = plan.block_tokens
-    row = pl.BlockSpec((bt,), lambda i: (i,))
-
-    def run(operands, axes):
-        return pl.pallas_call(
-            functools.partial(_grad_h_kernel, plan=plan),
-            grid=(t_pad // bt,),
-            in_specs=[
-                row,
-                row,
-                row,
-                row,
-                pl.BlockSpec((bt, d), lambda i: (i, 0)),
-                pl.BlockSpec((d, plan.v_pad), lambda i: (0, 0)),
-            ],
-            out_specs=pl.BlockSpec((bt, d), lambda i: (i, 0)),
-            out_shape=jax.ShapeDtypeStruct((t_pad, d), jnp.float32, manual_axis_type=axes),
-            compiler_params=_compiler_params(plan),
-            interpret=plan.interpret,
-            name="linear_cross_entropy_bwd_dh",
-        )(*operands)
-
-    with jax.named_scope(f"linear_cross_entropy_gpu_bwd_dh_bt{bt}_bv{plan.block_vocab}"):
-        return _common.call_kernel(plan, run, labels, lse, g_lse, g_tgt, h, w)
+    specs = (
+        pl.BlockSpec((bt,), lambda i: (i,)),
+        pl.BlockSpec((bt, d), lambda i: (i, 0)),
+        pl.BlockSpec((d, plan.v_pad), lambda i: (0, 0)),
+        pl.BlockSpec((bt, d), lambda i: (i, 0)),
+    )
+    rows = (labels, lse, g_lse, g_tgt)
+    return _grad_call(_grad_h_kernel, "dh", (t_pad // bt,), specs, t_pad, h, w, rows, plan)
 
 
 def grad_w(h, w, labels, lse, g_lse, g_tgt, plan: Plan) -> jax.Array:
     """dwᵀ [v_pad, d_pad] f32 = Gᵀ·h, G as in `grad_h`; the caller transposes it."""
     t_pad, d = h.shape
-    bt, bv = plan.block_tokens, plan.block_vocab
-    whole = pl.BlockSpec((t_pad,), lambda j: (0,))
-
-    def run(operands, axes):
-        return pl.pallas_call(
-            functools.partial(_grad_w_kernel, plan=plan),
-            grid=(plan.v_pad // bv,),
-            in_specs=[
-                whole,
-                whole,
-                whole,
-                whole,
-                pl.BlockSpec((t_pad, d), lambda j: (0, 0)),
-                pl.BlockSpec((d, bv), lambda j: (0, j)),
-            ],
-            out_specs=pl.BlockSpec((bv, d), lambda j: (j, 0)),
-            out_shape=jax.ShapeDtypeStruct((plan.v_pad, d), jnp.float32, manual_axis_type=axes),
-            compiler_params=_compiler_params(plan),
-            interpret=plan.interpret,
-            name="linear_cross_entropy_bwd_dw",
-        )(*operands)
-
-    with jax.named_scope(f"linear_cross_entropy_gpu_bwd_dw_bt{bt}_bv{bv}"):
-        return _common.call_kernel(plan, run, labels, lse, g_lse, g_tgt, h, w)
+    bv = plan.block_vocab
+    specs = (
+        pl.BlockSpec((t_pad,), lambda j: (0,)),
+        pl.BlockSpec((t_pad, d), lambda j: (0, 0)),
+        pl.BlockSpec((d, bv), lambda j: (0, j)),
+        pl.BlockSpec((bv, d), lambda j: (j, 0)),
+    )
+    rows = (labels, lse, g_lse, g_tgt)
+    grid = (plan.v_pad // bv,)
+    return _grad_call(_grad_w_kernel, "dw", grid, specs, plan.v_pad, h, w, rows, plan)

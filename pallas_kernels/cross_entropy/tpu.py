@@ -143,69 +143,54 @@ def forward(h: jax.Array, w: jax.Array, labels: jax.Array, plan: Plan):
     return lse[:, 0], tgt[:, 0]
 
 
-def _row_operands(labels, lse, g_lse, g_tgt):
-    return [labels[:, None], lse[:, None], g_lse[:, None], g_tgt[:, None]]
+def _grad_call(kernel, what, h, w, labels, lse, g_lse, g_tgt, plan: Plan) -> jax.Array:
+    """One backward kernel over the (token block i, vocabulary tile j) grid.
+
+    ``what`` 'dh': grid (i, j), output dh [t_pad, d] resident per token block; 'dw': grid
+    (j, i), output dwᵀ [v_pad, d] resident per vocabulary tile. The inputs are the same:
+    labels, lse, g_lse, g_tgt as [bt, 1] rows, h [bt, d] and w [d, bv] blocks.
+    """
+    t_pad, d = h.shape
+    bt, bv = plan.block_tokens, plan.block_vocab
+    nt, nv = t_pad // bt, plan.v_pad // bv
+    if what == "dh":
+        grid, ij = (nt, nv), lambda a, b: (a, b)
+        out_rows, out_block = t_pad, pl.BlockSpec((bt, d), lambda a, b: (a, 0))
+    else:
+        grid, ij = (nv, nt), lambda a, b: (b, a)
+        out_rows, out_block = plan.v_pad, pl.BlockSpec((bv, d), lambda a, b: (a, 0))
+    row = pl.BlockSpec((bt, 1), lambda a, b: (ij(a, b)[0], 0))
+
+    def run(operands, axes):
+        return pl.pallas_call(
+            functools.partial(kernel, v=plan.v),
+            grid=grid,
+            in_specs=[
+                row,
+                row,
+                row,
+                row,
+                pl.BlockSpec((bt, d), lambda a, b: (ij(a, b)[0], 0)),
+                pl.BlockSpec((d, bv), lambda a, b: (0, ij(a, b)[1])),
+            ],
+            out_specs=out_block,
+            out_shape=jax.ShapeDtypeStruct((out_rows, d), jnp.float32, manual_axis_type=axes),
+            compiler_params=_SEMANTICS,
+            cost_estimate=_cost(plan, d, h.dtype.itemsize, 2, what == "dh"),
+            interpret=plan.interpret,
+            name=f"linear_cross_entropy_bwd_{what}",
+        )(*operands)
+
+    rows = [labels[:, None], lse[:, None], g_lse[:, None], g_tgt[:, None]]
+    with jax.named_scope(f"linear_cross_entropy_tpu_bwd_{what}_bt{bt}_bv{bv}"):
+        return _common.call_kernel(plan, run, *rows, h, w)
 
 
 def grad_h(h, w, labels, lse, g_lse, g_tgt, plan: Plan) -> jax.Array:
     """dh [t_pad, d] f32 = G·wᵀ with G = g_lse·softmax + g_tgt·onehot (rows [t_pad] f32)."""
-    t_pad, d = h.shape
-    bt, bv = plan.block_tokens, plan.block_vocab
-    grid = (t_pad // bt, plan.v_pad // bv)
-    row = pl.BlockSpec((bt, 1), lambda i, j: (i, 0))
-
-    def run(operands, axes):
-        return pl.pallas_call(
-            functools.partial(_grad_h_kernel, v=plan.v),
-            grid=grid,
-            in_specs=[
-                row,
-                row,
-                row,
-                row,
-                pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-                pl.BlockSpec((d, bv), lambda i, j: (0, j)),
-            ],
-            out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-            out_shape=jax.ShapeDtypeStruct((t_pad, d), jnp.float32, manual_axis_type=axes),
-            compiler_params=_SEMANTICS,
-            cost_estimate=_cost(plan, d, h.dtype.itemsize, 2, True),
-            interpret=plan.interpret,
-            name="linear_cross_entropy_bwd_dh",
-        )(*operands)
-
-    operands = [*_row_operands(labels, lse, g_lse, g_tgt), h, w]
-    with jax.named_scope(f"linear_cross_entropy_tpu_bwd_dh_bt{bt}_bv{bv}"):
-        return _common.call_kernel(plan, run, *operands)
+    return _grad_call(_grad_h_kernel, "dh", h, w, labels, lse, g_lse, g_tgt, plan)
 
 
 def grad_w(h, w, labels, lse, g_lse, g_tgt, plan: Plan) -> jax.Array:
     """dwᵀ [v_pad, d] f32 = Gᵀ·h, G as in `grad_h`; the caller transposes it to dw [d, v_pad]."""
-    t_pad, d = h.shape
-    bt, bv = plan.block_tokens, plan.block_vocab
-    grid = (plan.v_pad // bv, t_pad // bt)
-    row = pl.BlockSpec((bt, 1), lambda j, i: (i, 0))
-
-    def run(operands, axes):
-        return pl.pallas_call(
-            functools.partial(_grad_w_kernel, v=plan.v),
-            grid=grid,
-            in_specs=[
-                row,
-                row,
-                row,
-                row,
-                pl.BlockSpec((bt, d), lambda j, i: (i, 0)),
-                pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-            ],
-            out_specs=pl.BlockSpec((bv, d), lambda j, i: (j, 0)),
-            out_shape=jax.ShapeDtypeStruct((plan.v_pad, d), jnp.float32, manual_axis_type=axes),
-            compiler_params=_SEMANTICS,
-            cost_estimate=_cost(plan, d, h.dtype.itemsize, 2, False),
-            interpret=plan.interpret,
-            name="linear_cross_entropy_bwd_dw",
-        )(*operands)
-
-    operands = [*_row_operands(labels, lse, g_lse, g_tgt), h, w]
-    with jax.named_scope(f"linear_cross_entropy_tpu_bwd_dw_bt{bt}_bv{bv}"):
-        return _common.call_kernel(plan, run, *operands)
+    return _grad_call(_grad_w_kernel, "dw", h, w, labels, lse, g_lse, g_tgt, plan)
