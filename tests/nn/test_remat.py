@@ -43,6 +43,12 @@ def setup(fast_jit):
     return tokens, nn.meta.unbox(params)
 
 
+# Policies whose gradients are compiled and compared (every policy's wiring is checked on its
+# jaxpr): a policy only changes what the backward pass recomputes, and jax.checkpoint keeps the
+# math; these cover full remat, a dtype-based, a name-based and an offload policy.
+NUMERIC_POLICIES = ("none", "full", "dots", "save_qkv_proj", remat.OFFLOAD_POLICY_NAMES[0])
+
+
 def _unstack(params):
     params = dict(params)
     stacked = params.pop("layers")
@@ -74,6 +80,8 @@ def test_every_policy_gives_the_gradients_of_no_remat(setup, scan_layers, polici
             assert policies == []
         else:  # one remat per layer (scan: one inside the scanned body)
             assert policies and all(p is get_policy(name) for p in policies), name
+        if name not in NUMERIC_POLICIES:
+            continue  # wired (the jaxpr check above); the gradients are checked on a subset
         value, grads = fast_jit(value_and_grad)(params)
         if reference is None:
             reference = (value, grads)

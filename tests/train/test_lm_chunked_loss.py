@@ -31,7 +31,7 @@ def test_chunked_and_materialised_losses_agree_in_value_and_gradient(tie):
         b, length = batch["tokens"].shape[0], batch["tokens"].shape[1] - 1
         logits = f"f32[{b},{length},{cfg.model.vocab_size}]"
         assert (logits in jaxpr) == (impl == "reference"), logits
-        grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+        grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
         (loss, _), grads = grad_fn(params, state, batch, jax.random.PRNGKey(1))
         results[impl] = (loss, grads)
     (ref_loss, ref_grads), (loss, grads) = results["reference"], results["xla"]
