@@ -13,6 +13,7 @@ import glob
 import io
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import SupportsIndex
 
@@ -60,8 +61,31 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .npz file at {os.fspath(path)!r}")
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {key: archive[key] for key in archive.files}
+    arrays = {}
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(
+            f"file {os.fspath(path)!r} is not a readable .npz archive ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"file {os.fspath(path)!r} holds a single array, not a .npz archive of named "
+            "arrays (write it with np.savez(path, image=..., label=...))"
+        )
+    with archive:
+        for key in archive.files:
+            try:
+                arrays[key] = archive[key]
+            except ValueError as e:  # object arrays: np.load refuses to unpickle them
+                raise ValueError(
+                    f"file {os.fspath(path)!r}: field {key!r} cannot be read without pickle "
+                    f"({e}); store numeric arrays"
+                ) from None
+            except (OSError, zipfile.BadZipFile, EOFError) as e:
+                raise ValueError(
+                    f"file {os.fspath(path)!r}: field {key!r} is damaged ({type(e).__name__}: {e})"
+                ) from None
     check_arrays(arrays, what=f"arrays in {os.fspath(path)!r}")
     return arrays
 

@@ -8,11 +8,20 @@ Each checkpoint step holds three items:
 - 'meta':  the fingerprint of the model (task, model config, parameter shapes), checked before the
   state is restored so that a workdir holding another model's checkpoint fails with a clear error
   rather than an obscure shape mismatch deep inside orbax.
+
+Orbax's commit protocol keeps unfinished saves out of :meth:`Checkpointer.all_steps` (their
+``*.orbax-checkpoint-tmp-*`` directories are removed when the manager opens), but a committed
+checkpoint whose files were damaged later is still listed: :meth:`Checkpointer.restore` then
+raises :class:`DamagedCheckpoint` with a one-line cause, and the loop moves the step aside
+(:meth:`Checkpointer.move_aside`, never a deletion) and tries the next older one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -24,13 +33,51 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from: another model's, or unreadable."""
 
 
-def fingerprint(task_name: str, model_config: dict, abstract_params: Any) -> dict:
-    """What identifies the model of a run: its task, config and parameter shapes."""
+class DamagedCheckpoint(CheckpointError):
+    """A listed (committed) checkpoint whose files cannot be read; ``cause`` is one line."""
+
+    def __init__(self, step: int, cause: str, message: str):
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+
+
+# Where damaged steps are moved: a sibling of the checkpoints directory, outside orbax's view.
+DAMAGED_SUFFIX = ".damaged"
+_NOISE = re.compile(r"\s*\[(tensorstore_spec|source locations)=.*")
+
+
+def one_line_cause(error: BaseException, limit: int = 240) -> str:
+    """``Type: first line`` of an exception, without tensorstore's spec and source dumps."""
+    text = _NOISE.sub("", str(error)).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _state_digest(abstract_state: Any) -> str:
+    """A hash of every leaf's path, shape and dtype of the train state."""
+    leaves = [
+        f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}"
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    ]
+    return hashlib.sha256(json.dumps(leaves).encode()).hexdigest()[:16]
+
+
+def fingerprint(
+    task_name: str, model_config: dict, abstract_params: Any, abstract_state: Any = None
+) -> dict:
+    """What identifies the model of a run: its task, config and parameter shapes, and (given
+    ``abstract_state``) a digest of the whole train state's structure (optimizer, EMA, guard)."""
     shapes = {
         jax.tree_util.keystr(path): list(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
-    return {"task": task_name, "model": model_config, "param_shapes": shapes}
+    meta = {"task": task_name, "model": model_config, "param_shapes": shapes}
+    if abstract_state is not None:
+        meta["state_digest"] = _state_digest(abstract_state)
+    return meta
 
 
 def _describe_difference(saved: dict, current: dict) -> str:
@@ -61,12 +108,40 @@ class Checkpointer:
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+            ),
             item_names=("state", "data", "meta"),
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def move_aside(self, step: int) -> str:
+        """Renames checkpoint ``step`` into ``<checkpoints>.damaged/`` (never deletes it).
+
+        Only process 0 renames; every process then waits for it and re-reads the step list.
+        Returns the new path.
+        """
+        root = epath.Path(self.directory)
+        aside_root = root.parent / (root.name + DAMAGED_SUFFIX)
+        target = aside_root / str(step)
+        n = 1
+        while target.exists():
+            target = aside_root / f"{step}.{n}"
+            n += 1
+        if jax.process_index() == 0:
+            aside_root.mkdir(parents=True, exist_ok=True)
+            (root / str(step)).rename(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxbatch_move_aside_{step}")
+        self._manager.reload()
+        return str(target)
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """Saves asynchronously (the device→host copy happens before this returns)."""
@@ -86,15 +161,22 @@ class Checkpointer:
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             ).meta
         except Exception as e:  # orbax raises many types for unreadable files
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} cannot be read ({type(e).__name__}: {e}); "
-                "it may be corrupt or from another program: move it away or use another --workdir"
-            ) from e
+            cause = one_line_cause(e)
+            raise DamagedCheckpoint(
+                step, cause, f"checkpoint {step} in {self.directory} cannot be read ({cause})"
+            ) from None
         if saved.get("task") != meta["task"] or saved.get("param_shapes") != meta["param_shapes"]:
             raise CheckpointError(
                 f"workdir {epath.Path(self.directory).parent} holds a checkpoint (step {step}) "
                 f"of a different model: {_describe_difference(saved, meta)}. Use another --workdir "
                 "or remove the old checkpoints."
+            )
+        if "state_digest" in meta and saved.get("state_digest") != meta["state_digest"]:
+            raise CheckpointError(
+                f"workdir {epath.Path(self.directory).parent} holds a checkpoint (step {step}) "
+                "whose train state (optimizer, EMA or guard state) is laid out differently: the "
+                "config changed (e.g. optimizer.name or ema.decay) or an older jaxbatch wrote it. "
+                "Use another --workdir, or init_from to take its weights only."
             )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -108,10 +190,10 @@ class Checkpointer:
                 ),
             )
         except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {step} in {self.directory} cannot be restored "
-                f"({type(e).__name__}: {e}); it may be corrupt or incomplete"
-            ) from e
+            cause = one_line_cause(e)
+            raise DamagedCheckpoint(
+                step, cause, f"checkpoint {step} in {self.directory} cannot be restored ({cause})"
+            ) from None
         return restored.state, restored.data
 
     def wait(self) -> None:

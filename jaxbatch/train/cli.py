@@ -5,7 +5,10 @@
                  [--mesh data=..,fsdp=..,tensor=..] [--batch-sizes 32,64 --memory-budget 16GiB]
                  [--json OUT]
 
-Re-running the same command resumes from the last checkpoint in ``--workdir``. ``plan`` compiles
+Re-running the same command resumes from the last checkpoint in ``--workdir``; SIGTERM / SIGINT
+save the step in progress and exit 0 (``jaxbatch.train.faults``). Exit codes: 0 done or
+preempted, 2 a bad config, config file, workdir, dataset or checkpoint (one line on stderr, no run
+directory left), 3 a numerical fault that rollbacks did not cure (its report). ``plan`` compiles
 the train step ahead of time on N simulated CPU devices and prints per-device memory, FLOPs and
 collectives without allocating the model (``jaxbatch.train.plan``).
 """
@@ -42,7 +45,7 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     summary.pop("state", None)
     import jax
 
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and "preempted" not in summary:
         print(format_summary(summary, workdir))
     return 0
 
@@ -184,10 +187,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args, overrides)
         if args.command == "plan":
             return _plan(args, overrides, argv)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jaxbatch: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        code = _exit_code(e)
+        if code is None:
+            raise
+        prefix = "jaxbatch: " if code != 2 else "jaxbatch: error: "
+        print(prefix + (str(e) if code != 2 else _one_line(e)), file=sys.stderr)
+        return code
     return 1
+
+
+def _exit_code(error: BaseException) -> int | None:
+    """2 for an error the user caused (config, workdir, data, checkpoint), 3 for a numerical
+    fault that rollbacks did not cure, None for anything else (a bug: its traceback is kept).
+    The error classes are imported here, not at the top: importing jax before ``plan`` sets its
+    device count would fix the count."""
+    from jaxbatch.train.checkpoint import CheckpointError
+    from jaxbatch.train.faults import FAULT_EXIT_CODE, TrainingFault
+
+    if isinstance(error, TrainingFault):
+        return FAULT_EXIT_CODE
+    user = (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, CheckpointError)
+    return 2 if isinstance(error, user) else None
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

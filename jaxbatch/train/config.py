@@ -10,7 +10,9 @@ is built.
 
 from __future__ import annotations
 
+import ast
 import os
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -18,6 +20,7 @@ import ml_collections
 TASKS = ("classification", "contrastive", "lm", "mlm")
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 SCHEDULES = ("constant", "warmup_cosine", "warmup_linear", "warmup_rsqrt")
+VALIDATE_MODES = ("full", "sample", "off")
 
 # Sections whose keys are keyword arguments of a constructor, validated there, not here.
 _FREE_FORM = ("model", "dataset.options", "sharding_rules")
@@ -48,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Threads per process that decode / crop the examples of one batch (Pillow releases the
     # GIL, so JPEG datasets scale with them); in-memory datasets have nothing to decode.
     c.dataset.transform_threads = 1
+    # Checks of the data before training (jaxbatch.data.validate): 'sample' (in-memory data
+    # fully, record files on a sample), 'full' (every example) or 'off'.
+    c.dataset.validate = "sample"
 
     c.model = ml_collections.ConfigDict()
     c.model.name = ""
@@ -109,6 +115,29 @@ def default_config() -> ml_collections.ConfigDict:
     # Overrides of jaxbatch.parallel.DEFAULT_RULES: logical axis -> mesh axis name, tuple of
     # names, or None (replicated), e.g. c.sharding_rules.conv_out = "tensor".
     c.sharding_rules = ml_collections.ConfigDict()
+
+    # Faults (jaxbatch.train.faults): what the run does about non-finite steps and loss spikes.
+    c.faults = ml_collections.ConfigDict()
+    # Skip (inside the jitted step) an update whose loss or gradient is not finite: params,
+    # optimizer state and EMA stay as they were; counted as metrics 'skipped_steps'.
+    c.faults.skip_nonfinite = True
+    # After this many skipped steps in a row, roll back to the last checkpoint; 0 = never.
+    c.faults.max_consecutive_skips = 3
+    # A step whose loss exceeds spike_factor × the running mean of the loss is a spike: it is
+    # skipped and the run rolls back to the last checkpoint (PaLM-style); 0 = off.
+    c.faults.spike_factor = 0.0
+    c.faults.spike_warmup_steps = 10  # applied steps before spikes are looked for
+    c.faults.loss_ema_decay = 0.9  # decay of the running mean of the loss
+    # Each rollback multiplies the learning rate by this factor and skips the batches seen since
+    # the checkpoint it returns to.
+    c.faults.lr_factor = 0.5
+    # A fault after this many rollbacks stops the run with a report (exit code 3).
+    c.faults.max_rollbacks = 2
+    # Fault injection, for tests and drills: batch positions (1-based, in data order) whose
+    # gradients and loss are multiplied by NaN, or by inject_spike_scale (a loss spike).
+    c.faults.inject_nan_at = ()
+    c.faults.inject_spike_at = ()
+    c.faults.inject_spike_scale = 1000.0
     return c
 
 
@@ -214,45 +243,181 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         isinstance(cfg.precise_bn_batches, int) and cfg.precise_bn_batches >= 0,
         f"config.precise_bn_batches={cfg.precise_bn_batches!r}; expected an integer >= 0",
     )
+    _require(
+        cfg.dataset.validate in VALIDATE_MODES,
+        f"config.dataset.validate={cfg.dataset.validate!r}; expected one of {VALIDATE_MODES}",
+    )
+    _validate_faults(cfg.faults)
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads ``path[:arg]`` with ``--config.key=value`` style overrides, then validates it.
+def _validate_faults(f: ml_collections.ConfigDict) -> None:
+    for key in ("max_consecutive_skips", "spike_warmup_steps", "max_rollbacks"):
+        _require(
+            isinstance(f[key], int) and not isinstance(f[key], bool) and f[key] >= 0,
+            f"config.faults.{key}={f[key]!r}; expected an integer >= 0",
+        )
+    _require(
+        f.spike_factor == 0 or f.spike_factor > 1,
+        f"config.faults.spike_factor={f.spike_factor}; expected 0 (off) or a factor > 1",
+    )
+    _require(
+        0 < f.loss_ema_decay < 1,
+        f"config.faults.loss_ema_decay={f.loss_ema_decay}; expected 0 < decay < 1",
+    )
+    _require(
+        0 < f.lr_factor <= 1, f"config.faults.lr_factor={f.lr_factor}; expected 0 < factor <= 1"
+    )
+    _require(
+        f.inject_spike_scale > 1,
+        f"config.faults.inject_spike_scale={f.inject_spike_scale}; expected > 1",
+    )
+    for key in ("inject_nan_at", "inject_spike_at"):
+        value = f[key]
+        positions = (value,) if isinstance(value, int) else tuple(value)
+        _require(
+            all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in positions),
+            f"config.faults.{key}={value!r}; expected batch positions (integers >= 1)",
+        )
 
-    Args:
-      path: a config file, optionally followed by ``:arg`` passed to its ``get_config``.
-      overrides: strings ``key=value`` (or ``--config.key=value``), parsed by ml_collections
-        config_flags with the type of the existing field.
 
-    Returns:
-      The validated, unlocked ConfigDict.
-    """
+def _file_error(file_path: str, error: BaseException) -> ConfigError:
+    """One line naming the config file, the line and what went wrong in it."""
+    if isinstance(error, SyntaxError) and error.lineno is not None:
+        return ConfigError(
+            f"config file {file_path!r} line {error.lineno}: syntax error: {error.msg}"
+        )
+    target = os.path.abspath(file_path)
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if os.path.abspath(frame.filename) == target
+    ]
+    where = f" line {lines[-1]}" if lines else ""
+    text = str(error).splitlines()[0] if str(error) else ""
+    return ConfigError(
+        f"config file {file_path!r}{where}: {type(error).__name__}: {text}".rstrip(": ")
+    )
+
+
+def _parse_config_file(path: str, flag_args: Sequence[str]) -> ml_collections.ConfigDict:
+    """The ConfigDict of ``path[:arg]`` with ``flag_args`` applied by ml_collections."""
     from absl import flags
     from ml_collections import config_flags
 
     file_path = path.split(":", 1)[0]
-    if not os.path.isfile(file_path):
-        raise FileNotFoundError(f"config file {file_path!r} does not exist")
-    flag_args = []
-    for item in overrides:
-        item = item.removeprefix("--").removeprefix("config.")
-        if "=" not in item:
-            raise ConfigError(f"config override {item!r}; expected key=value")
-        flag_args.append(f"--config.{item}")
     argv = ["jaxbatch", f"--config={path}", *flag_args]
     flag_values = flags.FlagValues()
     holder = config_flags.DEFINE_config_file(
         "config", flag_values=flag_values, sys_argv=argv, lock_config=False
     )
+    if not flag_args:
+        try:
+            flag_values(argv)
+        except flags.IllegalFlagValueError as e:
+            raise _file_error(file_path, e.__cause__ or e.__context__ or e) from None
+        except Exception as e:  # the file is the user's Python: any error it raises
+            raise _file_error(file_path, e) from None
+        if not isinstance(holder.value, ml_collections.ConfigDict):
+            raise ConfigError(
+                f"config file {file_path!r}: get_config() returned "
+                f"{type(holder.value).__name__}; expected an ml_collections.ConfigDict (build it "
+                "on default_config())"
+            )
+        return holder.value
     try:
         flag_values(argv)
-    except (AttributeError, KeyError, flags.Error) as e:
+    except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
         keys = [a.split("=", 1)[0].removeprefix("--config.") for a in flag_args]
         known = sorted(dict(_flatten(default_config())))
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"cannot apply overrides {keys} to {path}: {e}; known keys are: {known}"
-        ) from e
-    cfg = holder.value
+            f"cannot apply overrides {keys} to {path}: {message}; known keys are: {known}"
+        ) from None
+    return holder.value
+
+
+def _free_form_section(key: str) -> str | None:
+    """The free-form section that ``key`` is inside (not the section itself), or None."""
+    for section in _FREE_FORM:
+        if key.startswith(section + "."):
+            return section
+    return None
+
+
+def _has_key(cfg: ml_collections.ConfigDict, key: str) -> bool:
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def parse_value(text: str):
+    """A command-line value for a new free-form key: a Python literal (``ast.literal_eval``:
+    numbers, strings, tuples, booleans, None), else the text itself as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def _set_key(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    node = cfg
+    for part in parents:
+        if part not in node:
+            node[part] = ml_collections.ConfigDict()
+        node = node[part]
+        if not isinstance(node, ml_collections.ConfigDict):
+            raise ConfigError(f"config override {key}: config.{part} is not a section")
+    node[last] = value
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads ``path[:arg]`` with ``--config.key=value`` style overrides, then validates it.
+
+    Keys declared by the schema (or already set by the file) are parsed by ml_collections
+    config_flags with the type of the existing field. A key new to a free-form section
+    (``model``, ``dataset.options``, ``sharding_rules``), e.g.
+    ``--config.dataset.options.path=/data/mine_{split}.npz``, is added with :func:`parse_value`;
+    it is checked against the constructor's signature when the run is built, like a key set in
+    a file.
+
+    Args:
+      path: a config file, optionally followed by ``:arg`` passed to its ``get_config``.
+      overrides: strings ``key=value`` (or ``--config.key=value``).
+
+    Returns:
+      The validated, unlocked ConfigDict.
+
+    Raises:
+      FileNotFoundError: no such config file.
+      ConfigError: an error in the file (syntax, an exception, not a ConfigDict), an override
+        that does not apply, or a value that does not validate; one line naming it.
+    """
+    file_path = path.split(":", 1)[0]
+    if not os.path.isfile(file_path):
+        raise FileNotFoundError(f"config file {file_path!r} does not exist")
+    items = []
+    for item in overrides:
+        item = item.removeprefix("--").removeprefix("config.")
+        if "=" not in item:
+            raise ConfigError(f"config override {item!r}; expected key=value")
+        key = item.split("=", 1)[0]
+        if key in _RENAMED:
+            raise ConfigError(f"config.{key} is no longer a key; use config.{_RENAMED[key]}")
+        items.append(item.split("=", 1))
+    base = _parse_config_file(path, ())
+    typed = [
+        f"--config.{k}={v}"
+        for k, v in items
+        if not (_free_form_section(k) and not _has_key(base, k))
+    ]
+    new = [(k, v) for k, v in items if _free_form_section(k) and not _has_key(base, k)]
+    cfg = _parse_config_file(path, typed) if typed else base
+    for key, value in new:
+        _set_key(cfg, key, parse_value(value))
     validate(cfg)
     return cfg
 

@@ -2,12 +2,14 @@
 
 step: accumulate (lax.scan over micro-batches of the loss gradient; for contrastive losses through
 cached embedding gradients, ``grad_cache``) → optimizer → apply → model EMA → gradient-noise
-statistics. The step is a pure function of (state, batch); the loop jits it with
-the state's shardings and donates the state.
+statistics → the fault guard (:class:`GuardState`: a step whose loss or gradient is not finite, or
+whose loss spikes, leaves the state as it was). The step is a pure function of (state, batch); the
+loop jits it with the state's shardings and donates the state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax
@@ -24,6 +26,86 @@ NOISE_EMA_DECAY = 0.95
 
 
 @flax.struct.dataclass
+class GuardState:
+    """What the in-step fault guard carries (int32 / float32 scalars, replicated).
+
+    The step updates the first five; the loop sets the last three when it rolls back.
+
+    Attributes:
+      skipped: steps whose update was not applied (non-finite loss or gradient, or a loss spike).
+      consecutive: skipped steps in a row, up to this one.
+      spikes: steps whose loss exceeded ``spike_factor`` × the running mean.
+      streaks: times ``consecutive`` reached ``max_consecutive_skips``.
+      loss_mean: exponential moving average of the loss of applied steps (not bias-corrected).
+      good_steps: applied steps (the bias correction of ``loss_mean``, the spike warm-up).
+      lr_scale: factor on every update (= on the learning rate), lowered by each rollback.
+      rollbacks: rollbacks so far.
+      data_offset: batches skipped by rollbacks; batch position = step + data_offset.
+    """
+
+    skipped: jax.Array
+    consecutive: jax.Array
+    spikes: jax.Array
+    streaks: jax.Array
+    loss_mean: jax.Array
+    good_steps: jax.Array
+    lr_scale: jax.Array
+    rollbacks: jax.Array
+    data_offset: jax.Array
+
+
+def guard_init() -> GuardState:
+    i, f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+    return GuardState(i, i, i, i, f, i, jnp.ones((), jnp.float32), i, i)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardConfig:
+    """The static settings of the in-step guard (``config.faults``).
+
+    Attributes:
+      skip_nonfinite: skip a step whose loss, gradient norm or update norm is not finite.
+      spike_factor: skip (and count as a spike) a step whose loss exceeds this factor times the
+        bias-corrected running mean of the applied steps' losses; 0 = off. Losses are assumed
+        positive (cross-entropies).
+      spike_warmup_steps: applied steps before spikes are looked for.
+      loss_ema_decay: decay of the running mean.
+      max_consecutive_skips: a streak of this many skipped steps counts in ``streaks``; 0 = off.
+    """
+
+    skip_nonfinite: bool = True
+    max_consecutive_skips: int = 0
+    spike_factor: float = 0.0
+    spike_warmup_steps: int = 10
+    loss_ema_decay: float = 0.9
+
+
+def _guard(cfg: GuardConfig, g: GuardState, loss, finite):
+    """(apply?, new guard state, spike?) of one step; pure jnp, no host sync."""
+    bad = jnp.logical_not(finite) if cfg.skip_nonfinite else jnp.zeros((), bool)
+    spike = jnp.zeros((), bool)
+    if cfg.spike_factor > 0:
+        debias = 1.0 - jnp.float32(cfg.loss_ema_decay) ** g.good_steps.astype(jnp.float32)
+        mean = g.loss_mean / jnp.maximum(debias, 1e-12)
+        warm = g.good_steps >= cfg.spike_warmup_steps
+        spike = warm & jnp.isfinite(loss) & (loss > cfg.spike_factor * mean)
+        bad = bad | spike
+    ok = jnp.logical_not(bad)
+    d = jnp.float32(cfg.loss_ema_decay)
+    consecutive = jnp.where(bad, g.consecutive + 1, 0)
+    streak = consecutive == cfg.max_consecutive_skips if cfg.max_consecutive_skips else False
+    new = g.replace(
+        skipped=g.skipped + bad.astype(jnp.int32),
+        consecutive=consecutive,
+        streaks=g.streaks + jnp.asarray(streak, jnp.int32),
+        spikes=g.spikes + spike.astype(jnp.int32),
+        loss_mean=jnp.where(ok, d * g.loss_mean + (1 - d) * loss.astype(jnp.float32), g.loss_mean),
+        good_steps=g.good_steps + ok.astype(jnp.int32),
+    )
+    return ok, new
+
+
+@flax.struct.dataclass
 class TrainState:
     """Everything a run carries from step to step (and checkpoints).
 
@@ -35,6 +117,7 @@ class TrainState:
       ema_state: ``optim.ModelEmaState`` of {'params', **model_state}, or None.
       noise: EMAs of the gradient-noise estimates (``stats.NoiseScaleEMA``).
       rng: the key the next step splits.
+      guard: the fault guard's counters (:class:`GuardState`).
     """
 
     step: jax.Array
@@ -44,6 +127,7 @@ class TrainState:
     ema_state: Any
     noise: stats.NoiseScaleEMA
     rng: jax.Array
+    guard: GuardState | None = None
 
 
 def init_state(task: Task, tx, ema, rng: jax.Array, init_batch: dict) -> TrainState:
@@ -59,6 +143,7 @@ def init_state(task: Task, tx, ema, rng: jax.Array, init_batch: dict) -> TrainSt
         ema_state=None if ema is None else ema.init({"params": params, **model_state}),
         noise=stats.noise_scale_ema_init(),
         rng=rng,
+        guard=guard_init(),
     )
 
 
@@ -91,12 +176,35 @@ def aux_shapes(task: Task, params: Any, model_state: Any, micro_batch: dict) -> 
     return jax.eval_shape(aux, params, model_state, micro_batch)
 
 
-def make_train_step(task: Task, tx, ema, *, micro_batches: int):
-    """The pure train step ``(state, batch) -> (state, metrics)``."""
+def _scaled(grad_fn, fault):
+    """``grad_fn`` with its gradients and loss multiplied by ``fault`` (fault injection)."""
+
+    def scaled(params, micro_batch, rng):
+        grads, aux = grad_fn(params, micro_batch, rng)
+        grads = jax.tree.map(lambda g: g * fault.astype(g.dtype), grads)
+        return grads, {**aux, "loss": aux["loss"] * fault.astype(aux["loss"].dtype)}
+
+    return scaled
+
+
+def make_train_step(
+    task: Task, tx, ema, *, micro_batches: int, guard: GuardConfig | None = GuardConfig()
+):
+    """The pure train step ``(state, batch, fault=None) -> (state, metrics)``.
+
+    Args:
+      guard: the in-step fault guard; None builds the step without it (the benchmark's
+        baseline, ``scripts/bench_guard.py``). With it, a step with a non-finite loss, gradient
+        norm or update norm (or a loss spike) returns params, model state, optimizer state, EMA
+        and noise statistics unchanged, selected on device (``jnp.where``): no host sync. Every
+        update is multiplied by ``state.guard.lr_scale`` (1 until a rollback lowers it).
+      fault: a float32 scalar multiplying the gradients and the loss (fault injection: NaN
+        for a non-finite step, a large factor for a loss spike); None in normal training.
+    """
 
     cached = grad_cache.applies(task, micro_batches)
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, fault: jax.Array | None = None):
         rng, step_rng = jax.random.split(state.rng)
         if cached:  # the full-batch contrastive loss at the memory of one micro-batch
             batch, d_shared, loss, loss_metrics = grad_cache.embedding_cotangents(
@@ -105,9 +213,14 @@ def make_train_step(task: Task, tx, ema, *, micro_batches: int):
             grad_fn = grad_cache.grad_fn_for(task, state.model_state, d_shared, loss, loss_metrics)
         else:
             grad_fn = grad_fn_for(task, state.model_state)
+        if fault is not None:
+            grad_fn = _scaled(grad_fn, fault)
         updates, opt_state = tx.update(
             None, state.opt_state, state.params, grad_fn=grad_fn, batch=batch, rng=step_rng
         )
+        if guard is not None and state.guard is not None:
+            scale = state.guard.lr_scale
+            updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         aux = opt_state.aux
         model_state = jax.tree.map(
@@ -131,15 +244,30 @@ def make_train_step(task: Task, tx, ema, *, micro_batches: int):
             )
             noise, b_simple = stats.noise_scale_ema_update(noise, g2, trace, NOISE_EMA_DECAY)
             metrics["b_simple"] = b_simple
-        new_state = state.replace(
-            step=state.step + 1,
+        new = dict(
             params=params,
             model_state=model_state,
             opt_state=opt_state,
             ema_state=ema_state,
             noise=noise,
-            rng=rng,
         )
+        guard_state = state.guard
+        if guard is not None and guard_state is not None:
+            finite = (
+                jnp.isfinite(metrics["loss"])
+                & jnp.isfinite(noise_stats.sq_norm_big)
+                & jnp.isfinite(metrics["update_norm"])
+            )
+            ok, guard_state = _guard(guard, guard_state, metrics["loss"], finite)
+            old = {k: getattr(state, k) for k in new}
+            new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        if guard is not None and guard_state is not None:
+            metrics["skipped_steps"] = guard_state.skipped
+            metrics["consecutive_skips"] = guard_state.consecutive
+            metrics["loss_spikes"] = guard_state.spikes
+            metrics["skip_streaks"] = guard_state.streaks
+            metrics["lr_scale"] = guard_state.lr_scale
+        new_state = state.replace(step=state.step + 1, rng=rng, guard=guard_state, **new)
         return new_state, metrics
 
     return train_step

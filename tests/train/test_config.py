@@ -133,3 +133,41 @@ def test_ema_warmup_is_in_samples_and_follows_the_batch():
     # the full decay is first applied once 512 samples have been seen, in both runs
     assert np.argmax(runs[64][1] >= 0.9 - 1e-6) * 64 == 512
     assert np.argmax(runs[128][1] >= 0.81 - 1e-6) * 128 == 512
+
+
+def test_free_form_sections_accept_new_keys_from_the_command_line():
+    """A bundled config can be pointed at the user's files without writing a config file; new
+    keys are Python literals where they parse as one, else strings."""
+    cfg = config_lib.load_config(
+        "configs/digits_resnet_lars.py",
+        [
+            "dataset.options.path=/data/mine_{split}.npz",
+            "model.dropout_rate=0.1",
+            "model.stage_sizes=(1,)",
+            "sharding_rules.conv_out=tensor",
+        ],
+    )
+    assert cfg.dataset.options.path == "/data/mine_{split}.npz"
+    assert cfg.model.dropout_rate == 0.1 and cfg.model.stage_sizes == (1,)
+    assert cfg.sharding_rules.conv_out == "tensor"
+    assert config_lib.parse_value("None") is None and config_lib.parse_value("a b") == "a b"
+
+
+def test_fault_keys_are_typed_and_validated():
+    cfg = config_lib.load_config(
+        "configs/digits_resnet_lars.py",
+        ["faults.inject_nan_at=(3,5)", "faults.spike_factor=4.0", "faults.max_rollbacks=1"],
+    )
+    assert tuple(cfg.faults.inject_nan_at) == (3, 5) and cfg.faults.spike_factor == 4.0
+    with pytest.raises(config_lib.ConfigError, match=r"faults\.max_consecutive_skips=-2"):
+        config_lib.load_config("configs/digits_resnet_lars.py", ["faults.max_consecutive_skips=-2"])
+
+
+def test_config_file_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.py"
+    path.write_text("def get_config(arg=None):\n    return [\n")
+    with pytest.raises(config_lib.ConfigError, match=r"broken\.py' line 2: syntax error"):
+        config_lib.load_config(str(path))
+    path.write_text("def get_config(arg=None):\n    x = 1\n    return 1 / 0\n")
+    with pytest.raises(config_lib.ConfigError, match=r"line 3: ZeroDivisionError"):
+        config_lib.load_config(str(path))
