@@ -152,3 +152,46 @@ def test_lm_task_ignores_padding_and_splits_packed_sequences():
     assert abs(loss("xla", {"tokens": batch["tokens"]}) - xla) > 1e-4
     with pytest.raises(ValueError, match=r"segment_ids'\] has shape \(4, 12\)"):
         loss("xla", {**batch, "segment_ids": batch["segment_ids"][:, :-1]})
+
+
+def _bad_lm_input(case):
+    """Raises what ``case`` should, without compiling anything (tracing at most)."""
+    from jaxbatch import losses
+    from jaxbatch.train.models import build_model
+
+    if case == "chunk <= 0":
+        return build_model({"name": "decoder_lm", "backprop": "streambp", "stream_chunk_size": 0})
+    if case == "streambp for bert_mlm":
+        return build_model({"name": "bert_mlm", "backprop": "streambp"})
+    if case == "labels out of range":
+        h, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+        return losses.linear_cross_entropy(h, w, jnp.array([0, 16, -1, 3]), ignore_index=-1)
+    if case == "h/w mismatch":
+        return losses.linear_cross_entropy(jnp.ones((4, 8)), jnp.ones((16, 8)), jnp.zeros(4, int))
+    cfg = config_lib.load_config("configs/stdlib_lm.py:runlocal")
+    with cfg.unlocked():
+        cfg.model.backprop = "streambp"
+        cfg.model.stream_chunk_size = 64 if case == "chunk > T" else 8
+    task = tasks_lib.make_task(cfg)
+    batch = _batch(2, cfg.dataset.options.seq_len, cfg.model.vocab_size)
+    if case == "segment ids shape":
+        batch["segment_ids"] = batch["tokens"][:, :-1]
+    variables = jax.eval_shape(task.init_fn, jax.random.key(0), {"tokens": batch["tokens"]})
+    params, state = tasks_lib.split_variables(nn.meta.unbox(variables))
+    return jax.eval_shape(task.loss_fn, params, state, batch, jax.random.key(1))
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("chunk <= 0", "stream_chunk_size must be a positive int, got 0"),
+        ("chunk > T", r"chunk_size=64 must be in \[1, sequence length 32\]"),
+        ("segment ids shape", r"segment_ids'\] has shape \(2, 32\); expected .* \(2, 33\)"),
+        ("streambp for bert_mlm", r"unknown key\(s\) \['backprop'\] .* 'bert_mlm'"),
+        ("labels out of range", r"labels\[1\] = 16; expected values in \[0, 16\)"),
+        ("h/w mismatch", r"h \(4, 8\) has D = 8 .* w \(16, 8\) has 16 rows"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_compiling(case, match):
+    with pytest.raises(ValueError, match=match):
+        _bad_lm_input(case)
