@@ -24,7 +24,7 @@ OVERRIDES = ["total_samples=64000", "checkpoint_every_steps=1", "max_checkpoints
 
 def test_sigkill_after_a_checkpoint_then_resume(tmp_path):
     workdir = tmp_path / "killed"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = dict(os.environ)  # conftest.py's XLA_FLAGS: 8 devices and the same compile flags
     cmd = [sys.executable, "-m", "jaxbatch.train.cli", "train", "--config", CONFIG]
     cmd += ["--workdir", str(workdir), "--no-progress", *(f"--config.{o}" for o in OVERRIDES)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -162,7 +162,12 @@ def test_cli_plan_in_process_and_in_a_fresh_process(eight_devices, small_plan, t
     out4 = tmp_path / "plan4.json"
     assert cli.main(["plan", "--config", config, "--devices", "4", "--json", str(out4)]) == 0
     got4 = json.loads(out4.read_text())
-    assert got4["devices"] == 4 and got4["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert got4["devices"] == 4 and got4["mesh"] == {
+        "data": 4,
+        "fsdp": 1,
+        "context": 1,
+        "tensor": 1,
+    }
     assert got4["per_device_batch"] == 16
 
 
@@ -236,7 +241,7 @@ def test_pod_configs_validate_and_build_at_full_size(eight_devices, name):
 @pytest.mark.parametrize("name", ["bert_lamb.py:runlocal", "siglip_pod.py:runlocal"])
 def test_pod_configs_plan_scaled_down(eight_devices, name):
     p = plan.plan(load(name, "mesh.data=2", "mesh.fsdp=4"))
-    assert p.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert p.mesh == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert p.per_device_batch == 8 and p.flops > 0 and p.temp_bytes > 0
     assert p.collectives["all-gather"] > 0  # fsdp gathers the sharded parameters
 
