@@ -175,11 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--seq-limit", type=int, default=1 << 20, help="with --max-seq-len: longest length tried"
     )
+    report = sub.add_parser("report", help="plots and a Markdown summary of run directories")
+    report.add_argument("workdirs", nargs="+", help="run directories (several overlay)")
+    report.add_argument("--out", default=None, help="output directory")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:  # no config overrides: the report reads finished run directories
+        from jaxbatch.train import report
+
+        return report.main(argv[1:])
     overrides, rest = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     try:

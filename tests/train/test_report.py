@@ -105,3 +105,10 @@ def test_missing_workdir_and_metrics_are_named(tmp_path, capsys):
     (empty / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="holds no records"):
         report.build_report([str(empty)], str(tmp_path / "out"))
+
+
+def test_jaxbatch_cli_dispatches_report(tmp_path, capsys):
+    from jaxbatch.train import cli
+
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "run directory" in capsys.readouterr().err
