@@ -233,7 +233,7 @@ def make_train_step(
         noise_stats = opt_state.noise
         metrics = {"loss": aux["loss"], **aux["metrics"]}
         metrics["grad_norm"] = jnp.sqrt(noise_stats.sq_norm_big)
-        metrics["update_norm"] = optax.global_norm(updates)
+        metrics["update_norm"] = optax.tree.norm(updates)
         noise = state.noise
         if micro_batches > 1 and not cached:
             g2, trace = stats.noise_scale_from_two_batches(

@@ -65,6 +65,9 @@ def test_scanned_update_equals_unscanned_update_slice_by_slice(optimizer):
     params_u = unstack_layers(jax.device_get(state_s.params), depth)
     assert jax.tree.structure(params_u) == jax.tree.structure(state_u.params)
     state_u = state_u.replace(params=params_u, opt_state=unscanned.tx.init(params_u))
+    # An eager init may hand one buffer to several leaves (equal zeros); the step donates its
+    # state, and a buffer cannot be donated twice: give every leaf its own copy.
+    state_u = jax.tree.map(lambda x: jnp.array(x, copy=True), state_u)
     before = unstack_layers(jax.device_get(state_s.params), depth)
 
     state_s, metrics_s = scanned.train_step(state_s, batch)
