@@ -119,6 +119,17 @@ def micro_batch_rng(rng: jax.Array, index) -> jax.Array:
     return jax.random.fold_in(rng, index)
 
 
+def inner_with_extra_args(inner) -> optax.GradientTransformationExtraArgs:
+    """``inner`` checked to be an optax transformation, with extra-argument support.
+
+    The one check every wrapper of an inner optimizer in this package makes (``accumulate``,
+    ``vrgd``, ``agvm`` and their accumulators).
+    """
+    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
+        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
+    return optax.with_extra_args_support(inner)
+
+
 def accumulate(
     inner: optax.GradientTransformation,
     micro_batches: int,
@@ -239,14 +250,12 @@ def accumulate(
     acc_dtype = jnp.dtype(accumulator_dtype)
     if not jnp.issubdtype(acc_dtype, jnp.floating):
         raise ValueError(f"accumulator_dtype must be a floating dtype, got {accumulator_dtype!r}")
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
     if isinstance(noise_groups, bool) or not isinstance(noise_groups, numbers.Integral):
         raise ValueError(f"noise_groups must be a positive int, got {noise_groups!r}")
     if noise_groups < 1:
         raise ValueError(f"noise_groups must be a positive int, got {noise_groups!r}")
     groups = int(noise_groups)
-    inner = optax.with_extra_args_support(inner)
+    inner = inner_with_extra_args(inner)
     aux_zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), acc_dtype), aux_shapes)
 
     def init_fn(params):

@@ -22,7 +22,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxbatch import _validate
-from jaxbatch.optim.accumulate import AccumulateState, GradNoiseStats, accumulate
+from jaxbatch.optim.accumulate import (
+    AccumulateState,
+    GradNoiseStats,
+    accumulate,
+    inner_with_extra_args,
+)
 from jaxbatch.optim.masks import param_path
 
 _PHI_EPS = 1e-6  # in mu = sqrt(clip((Phi_ref + 1e-6) / (Phi_i + 1e-6), ...)), as the paper
@@ -167,9 +172,7 @@ def agvm(
     if min_ratio > max_ratio:
         raise ValueError(f"min_ratio must be <= max_ratio, got {min_ratio!r} > {max_ratio!r}")
     _validate.check_positive("cos_eps", cos_eps)
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
+    inner = inner_with_extra_args(inner)
     num = len(names)
 
     def init_fn(params):
@@ -291,9 +294,7 @@ def accumulate_halves(
             f"accumulate_halves needs micro_batches = 1 or an even number (two halves of the "
             f"micro-batches), got {micro_batches!r}"
         )
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
+    inner = inner_with_extra_args(inner)
     k = 2 if micro_batches == 1 else micro_batches
     plain = accumulate(
         inner, micro_batches, accumulator_dtype=accumulator_dtype, aux_shapes=aux_shapes

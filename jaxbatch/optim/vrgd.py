@@ -22,7 +22,7 @@ import optax
 
 from jaxbatch import _validate
 from jaxbatch.optim import _leaf_options
-from jaxbatch.optim.accumulate import AccumulateState, accumulate
+from jaxbatch.optim.accumulate import AccumulateState, accumulate, inner_with_extra_args
 
 # r is capped here before its mean is taken, so that the mean of a layer of 10^12 elements stays
 # finite in f32 even where a variance underflows to 0.
@@ -194,9 +194,7 @@ def vrgd(
     if max_ratio is None:
         max_ratio = 1.0 + gamma
     _check_options(scope, min_ratio, max_ratio, eps, layer_axes)
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
+    inner = inner_with_extra_args(inner)
 
     def init_fn(params):
         _plan(params, mask, layer_axes)  # fail on a bad mask/layer_axes at init, before a trace
@@ -266,9 +264,7 @@ def accumulate_with_moments(
             f"accumulate_with_moments needs micro_batches >= 2 (the variance of one gradient is "
             f"0), got {micro_batches!r}"
         )
-    if not (callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None))):
-        raise ValueError(f"inner must be an optax.GradientTransformation, got {inner!r}")
-    inner = optax.with_extra_args_support(inner)
+    inner = inner_with_extra_args(inner)
     acc_dtype = jnp.dtype(accumulator_dtype)
     plain = accumulate(inner, micro_batches, accumulator_dtype=acc_dtype, aux_shapes=aux_shapes)
 
