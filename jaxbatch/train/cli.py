@@ -82,7 +82,7 @@ def _plan(args: argparse.Namespace, overrides: list[str], argv: Sequence[str]) -
 
     cfg = config_lib.load_config(args.config, overrides)
     if args.mesh:
-        cfg.mesh.update({"data": -1, "fsdp": 1, "tensor": 1, **parallel.parse_mesh_spec(args.mesh)})
+        cfg.mesh.update({"data": -1, "fsdp": 1, "context": 1, "tensor": 1, **parallel.parse_mesh_spec(args.mesh)})
     title = f"plan of {args.config} on {args.devices} simulated devices"
     if args.max_seq_len:
         result = _plan_sequence(args, cfg)
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", required=True, help="config file, optionally path.py:arg")
     plan.add_argument("--devices", type=int, required=True, help="number of simulated devices")
     plan.add_argument(
-        "--mesh", default=None, help="e.g. data=2,fsdp=128,tensor=1 (else config.mesh)"
+        "--mesh", default=None, help="e.g. data=2,fsdp=128,context=1,tensor=1 (else config.mesh)"
     )
     plan.add_argument("--batch-sizes", default=None, help="per-device batches to try, e.g. 32,64")
     plan.add_argument("--memory-budget", default=None, help="bytes per device, e.g. 16GiB")

@@ -112,6 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Context (sequence) parallelism: the sequence of every activation is split over this axis
+    # (model.context_parallel picks how attention exchanges keys/values over it).
+    c.mesh.context = 1
     # Overrides of jaxbatch.parallel.DEFAULT_RULES: logical axis -> mesh axis name, tuple of
     # names, or None (replicated), e.g. c.sharding_rules.conv_out = "tensor".
     c.sharding_rules = ml_collections.ConfigDict()
