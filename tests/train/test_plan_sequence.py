@@ -44,6 +44,42 @@ def test_bisection_finds_the_largest_fitting_multiple(budget):
     assert len(calls) == len(set(calls)) <= 2 * 10 + 1
 
 
+@pytest.mark.parametrize("budget", [1_000 + 3 * 96 + 96**2 // 8, 50_000, 2_000_000, 100])
+def test_affine_guess_finds_the_same_answer_in_fewer_compiles(budget):
+    # The stand-in memory is quadratic: the line through two probes is only a guess, and the
+    # gallop + bisection still lands on the largest fitting multiple.
+    kw = dict(multiple=16, limit=1 << 14)
+    want = plan_sequence.longest_fitting_sequence(
+        lm_config(), budget, **kw, measure=quadratic_memory([])
+    )
+    calls = []
+    got = plan_sequence.longest_fitting_sequence(
+        lm_config(), budget, **kw, measure=quadratic_memory(calls), affine_from=(2, 4)
+    )
+    assert got.longest == want.longest
+    assert len(calls) == len(set(calls))  # no length compiled twice
+    if got.longest is not None:
+        assert not got.probe(got.longest + 16).fits(budget)  # the neighbour was compiled
+    with pytest.raises(ValueError, match=r"affine_from=\(4, 2\): expected two unit counts"):
+        plan_sequence.longest_fitting_sequence(
+            lm_config(), budget, **kw, measure=quadratic_memory([]), affine_from=(4, 2)
+        )
+
+
+def test_affine_guess_of_an_affine_memory_takes_four_compiles():
+    calls = []
+
+    def affine(cfg, seq_len):
+        calls.append(seq_len)
+        return plan_sequence.SequenceProbe(seq_len, 5000 + 7 * seq_len, 7 * seq_len)
+
+    search = plan_sequence.longest_fitting_sequence(
+        lm_config(), 5000 + 7 * 1000, multiple=16, limit=1 << 14, measure=affine,
+        affine_from=(1, 2),
+    )  # fmt: skip
+    assert search.longest == 992 and len(calls) == 4, calls  # 16, 32, then 992 and 1008
+
+
 def test_bisection_reports_nothing_fits_and_the_limit():
     calls = []
     nothing = plan_sequence.longest_fitting_sequence(
