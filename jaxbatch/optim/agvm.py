@@ -263,6 +263,9 @@ def accumulate_halves(
     *,
     accumulator_dtype: jnp.dtype = jnp.float32,
     aux_shapes: Any = None,
+    noise_groups: int = 1,
+    group_axis_name: str | tuple[str, ...] | None = None,
+    constrain_group_grads: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``optim.accumulate`` over each half of the micro-batches; ``inner`` gets both halves.
 
@@ -275,11 +278,17 @@ def accumulate_halves(
     B's ``fold_in(fold_in(rng, k), j)`` (independent of every other). Without ``grad_fn`` the
     gradients pass to ``inner`` as in ``accumulate`` and ``half_grads`` must come from the caller.
 
+    ``noise_groups=G`` splits every micro-batch of each half into G groups for the noise
+    statistics as ``optim.accumulate`` does (b_small = B/(kG)); g_a, g_b and g are unchanged.
+
     Args:
       inner: typically ``agvm(optimizer, groups=...)``; it must accept ``half_grads=``.
       micro_batches: k, even or 1.
       accumulator_dtype: as in ``optim.accumulate``.
       aux_shapes: as in ``optim.accumulate``.
+      noise_groups: G, as in ``optim.accumulate``.
+      group_axis_name: as in ``optim.accumulate``.
+      constrain_group_grads: as in ``optim.accumulate``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -300,7 +309,13 @@ def accumulate_halves(
         inner, micro_batches, accumulator_dtype=accumulator_dtype, aux_shapes=aux_shapes
     )
     half_acc = accumulate(
-        optax.identity(), k // 2, accumulator_dtype=accumulator_dtype, aux_shapes=aux_shapes
+        optax.identity(),
+        k // 2,
+        accumulator_dtype=accumulator_dtype,
+        aux_shapes=aux_shapes,
+        noise_groups=noise_groups,
+        group_axis_name=group_axis_name,
+        constrain_group_grads=constrain_group_grads,
     )
 
     def update_fn(

@@ -240,6 +240,9 @@ def accumulate_with_moments(
     *,
     accumulator_dtype: jnp.dtype = jnp.float32,
     aux_shapes: Any = None,
+    noise_groups: int = 1,
+    group_axis_name: str | tuple[str, ...] | None = None,
+    constrain_group_grads: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """``optim.accumulate`` that also hands ``inner`` the mean of the squared micro-gradients.
 
@@ -250,19 +253,32 @@ def accumulate_with_moments(
     ``grad_fn`` the gradients pass to ``inner`` as in ``accumulate``, and ``grad_sq_mean`` must
     then come from the caller's extra arguments.
 
+    With ``noise_groups=G`` (``optim.accumulate``'s noise groups: G gradients per micro-batch,
+    side by side, e.g. the per-replica gradients of data parallelism), the small gradients are
+    the k·G group gradients and ``grad_sq_mean`` is the mean of their squares: the paper's
+    setting, where the GSNR comes from the devices' gradients (Jiang et al. 2023, Sec. 3).
+
     Args:
       inner: typically ``vrgd(optimizer)``; it must accept ``grad_sq_mean=``.
-      micro_batches: k >= 2 (one gradient has no variance).
+      micro_batches: k >= 1, with k·G >= 2 (one gradient has no variance).
       accumulator_dtype: as in ``optim.accumulate``.
       aux_shapes: as in ``optim.accumulate``.
+      noise_groups: G, as in ``optim.accumulate``.
+      group_axis_name: as in ``optim.accumulate``.
+      constrain_group_grads: as in ``optim.accumulate``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
     """
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 2:
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+    if isinstance(noise_groups, bool) or not isinstance(noise_groups, int) or noise_groups < 1:
+        raise ValueError(f"noise_groups must be a positive int, got {noise_groups!r}")
+    if micro_batches * noise_groups < 2:
         raise ValueError(
-            f"accumulate_with_moments needs micro_batches >= 2 (the variance of one gradient is "
-            f"0), got {micro_batches!r}"
+            f"accumulate_with_moments needs micro_batches x noise_groups >= 2 small gradients "
+            f"(the variance of one gradient is 0), got micro_batches={micro_batches!r}, "
+            f"noise_groups={noise_groups!r}"
         )
     inner = inner_with_extra_args(inner)
     acc_dtype = jnp.dtype(accumulator_dtype)
@@ -288,6 +304,9 @@ def accumulate_with_moments(
             micro_batches,
             accumulator_dtype=acc_dtype,
             aux_shapes={"aux": aux_shapes, "grad_sq": sq_shapes},
+            noise_groups=noise_groups,
+            group_axis_name=group_axis_name,
+            constrain_group_grads=constrain_group_grads,
         )
 
         def with_squares(p, micro_batch, *rng_j):

@@ -72,6 +72,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.max_ratio = 0.0  # lamb trust-ratio clip, 0 = off
     c.optimizer.mask = "exclude_bias_and_norm"  # or "none": which leaves get decay / trust ratio
     c.optimizer.grad_clip_norm = 0.0  # 0 = off
+    # Update rescaling around the optimizer (jaxbatch.optim): 'none', 'vrgd' (GSNR-scaled
+    # gradients from the step's small gradients, Jiang et al. 2023) or 'agvm' (a learning-rate
+    # scale per module group from two half-batch gradients, Xue et al. 2022). See GRADIENT_SCALINGS.
+    c.optimizer.gradient_scaling = "none"
+    c.optimizer.vrgd_gamma = 0.1  # normalised GSNR bounded to [1 - gamma, 1 + gamma]
+    c.optimizer.vrgd_scope = "layer"  # 'layer' (per leaf / layer slice) or 'global'
+    # agvm groups: ((name, regex over parameter paths), ...); () = one group per top-level
+    # module of the parameters, in tree order. The reference group ('' = the first) has mu = 1.
+    c.optimizer.agvm_groups = ()
+    c.optimizer.agvm_reference = ""
+    c.optimizer.agvm_momentum = 0.97
+    c.optimizer.agvm_interval = 10  # measure every this many steps
+    c.optimizer.agvm_start_samples = -1  # first measured sample; -1 = after schedule warm-up
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "warmup_cosine"  # one of SCHEDULES
@@ -89,6 +102,16 @@ def default_config() -> ml_collections.ConfigDict:
     # Linear ramp of the decay from 0 over this many samples (optim.model_ema's warm-up), stated
     # in samples like the schedule so it ends at the same point of training at every batch size.
     c.ema.warmup_samples = 0
+
+    # In-step gradient-noise statistics (jaxbatch.train.noise): |G|^2, tr(Sigma) and B_simple
+    # logged every log step as 'noise_g2', 'noise_trace', 'b_simple'.
+    c.noise = ml_collections.ConfigDict()
+    c.noise.enabled = True
+    # Small gradients per micro-batch, side by side on the batch axes: 0 = automatic (data x fsdp
+    # replicas; 2 on one batch shard without micro-batches), 1 = micro-batches only, or G > 1.
+    c.noise.groups = 0
+    # Horizon of the EMAs of |G|^2 and tr(Sigma), in samples: per-step decay exp(-B/ema_samples).
+    c.noise.ema_samples = 5120
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"  # contrastive: softmax | sigmoid | decoupled
@@ -251,6 +274,99 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         f"config.dataset.validate={cfg.dataset.validate!r}; expected one of {VALIDATE_MODES}",
     )
     _validate_faults(cfg.faults)
+    _validate_noise(cfg)
+    _validate_gradient_scaling(cfg)
+
+
+GRADIENT_SCALINGS = ("none", "vrgd", "agvm")
+VRGD_SCOPES = ("layer", "global")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_noise(cfg: ml_collections.ConfigDict) -> None:
+    n = cfg.noise
+    _require(
+        isinstance(n.enabled, bool), f"config.noise.enabled={n.enabled!r}; expected True or False"
+    )
+    _require(
+        _is_int(n.groups) and n.groups >= 0,
+        f"config.noise.groups={n.groups!r}; expected an integer >= 0 (0 = automatic, 1 = "
+        "micro-batches only, G > 1 = G groups per micro-batch)",
+    )
+    if n.groups > 1:
+        micro = cfg.batch_size // cfg.micro_batches
+        _require(
+            micro % n.groups == 0,
+            f"config.noise.groups={n.groups} does not divide the micro-batch of {micro} examples "
+            f"(batch_size {cfg.batch_size} / micro_batches {cfg.micro_batches})",
+        )
+    _require(
+        isinstance(n.ema_samples, int | float)
+        and not isinstance(n.ema_samples, bool)
+        and n.ema_samples > 0,
+        f"config.noise.ema_samples={n.ema_samples!r}; expected a number of samples > 0",
+    )
+
+
+def _validate_gradient_scaling(cfg: ml_collections.ConfigDict) -> None:
+    o = cfg.optimizer
+    _require(
+        o.gradient_scaling in GRADIENT_SCALINGS,
+        f"config.optimizer.gradient_scaling={o.gradient_scaling!r}; expected one of "
+        f"{GRADIENT_SCALINGS}",
+    )
+    _require(
+        isinstance(o.vrgd_gamma, int | float) and 0 <= o.vrgd_gamma <= 1,
+        f"config.optimizer.vrgd_gamma={o.vrgd_gamma!r}; expected 0 <= gamma <= 1 (bounds "
+        "[1 - gamma, 1 + gamma])",
+    )
+    _require(
+        o.vrgd_scope in VRGD_SCOPES,
+        f"config.optimizer.vrgd_scope={o.vrgd_scope!r}; expected one of {VRGD_SCOPES}",
+    )
+    groups = tuple(o.agvm_groups)
+    _require(
+        all(
+            isinstance(g, tuple | list) and len(g) == 2 and all(isinstance(x, str) for x in g)
+            for g in groups
+        ),
+        f"config.optimizer.agvm_groups={o.agvm_groups!r}; expected ((name, regex), ...) or () "
+        "for one group per top-level module",
+    )
+    names = [g[0] for g in groups]
+    _require(
+        o.agvm_reference == "" or o.agvm_reference in names or not groups,
+        f"config.optimizer.agvm_reference={o.agvm_reference!r}; expected '' or one of {names}",
+    )
+    _require(
+        isinstance(o.agvm_momentum, int | float) and 0 <= o.agvm_momentum < 1,
+        f"config.optimizer.agvm_momentum={o.agvm_momentum!r}; expected 0 <= momentum < 1",
+    )
+    _require(
+        _is_int(o.agvm_interval) and o.agvm_interval >= 1,
+        f"config.optimizer.agvm_interval={o.agvm_interval!r}; expected an integer >= 1",
+    )
+    _require(
+        _is_int(o.agvm_start_samples) and o.agvm_start_samples >= -1,
+        f"config.optimizer.agvm_start_samples={o.agvm_start_samples!r}; expected an integer "
+        ">= 0, or -1 (after the schedule's warm-up)",
+    )
+    if o.gradient_scaling == "agvm":
+        _require(
+            cfg.micro_batches == 1 or cfg.micro_batches % 2 == 0,
+            f"config.optimizer.gradient_scaling='agvm' needs two halves of the micro-batches: "
+            f"micro_batches must be 1 or even, got {cfg.micro_batches}",
+        )
+    if o.gradient_scaling == "vrgd":
+        _require(
+            cfg.micro_batches > 1 or cfg.noise.groups != 1,
+            "config.optimizer.gradient_scaling='vrgd' needs at least two small gradients per "
+            "step: micro_batches > 1, or config.noise.groups = 0 (automatic) or > 1; got "
+            f"micro_batches={cfg.micro_batches}, noise.groups={cfg.noise.groups}",
+        )
 
 
 def _validate_faults(f: ml_collections.ConfigDict) -> None:

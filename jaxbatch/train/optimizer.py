@@ -1,16 +1,25 @@
 """The optimizer of a run, built from the (already batch-rescaled) config.
 
-config.optimizer + config.schedule → ``optim.accumulate(chain(clip?, optimizer), micro_batches)``.
+config.optimizer + config.schedule → ``optim.accumulate(chain(clip?, optimizer), micro_batches)``,
+with ``optimizer.gradient_scaling`` = 'vrgd' → ``accumulate_with_moments(vrgd(chain(...)))`` or
+'agvm' → ``accumulate_halves(agvm(chain(...), groups))``; the small gradients' groups come from
+the mesh at trace time (``jaxbatch.train.noise``).
 The learning-rate schedule is stated in samples (jaxbatch.scaling), so a config that changes the
 batch keeps warm-up and decay at the same point of training in epochs.
 """
 
 from __future__ import annotations
 
+import math
+import re
+
+import jax
 import ml_collections
 import optax
 
 from jaxbatch import optim, scaling
+from jaxbatch.optim.masks import param_path
+from jaxbatch.train import noise as noise_lib
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -88,14 +97,109 @@ def make_inner_optimizer(
     return tx
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axes=None):
-    """``optim.accumulate`` around the inner optimizer: one jitted step over micro-batches.
+def top_level_groups(params) -> tuple[tuple[str, str], ...]:
+    """AGVM's default groups: one per top-level module of ``params``, in tree order."""
+    names = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        head = param_path(path).split("/")[0]
+        if head not in names:
+            names.append(head)
+    return tuple((n, f"{re.escape(n)}(/.*)?") for n in names)
 
-    ``aux_shapes``: shapes of what the loss reports per micro-batch (see ``optim.accumulate``);
-    ``layer_axes``: see :func:`make_inner_optimizer`.
+
+def _lazy_agvm(inner, cfg: ml_collections.ConfigDict):
+    """``optim.agvm`` whose default groups (``agvm_groups = ()``) are read off the parameters."""
+    o = cfg.optimizer
+    start = o.agvm_start_samples
+    if start < 0:
+        start = cfg.schedule.warmup_samples
+    start_step = math.ceil(start / cfg.batch_size)
+
+    def build(params):
+        groups = tuple(tuple(g) for g in o.agvm_groups) or top_level_groups(params)
+        return optim.agvm(
+            inner,
+            groups,
+            reference=o.agvm_reference or None,
+            momentum=float(o.agvm_momentum),
+            interval=o.agvm_interval,
+            start_step=start_step,
+        )
+
+    def init_fn(params):
+        return build(params).init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return build(updates).update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axes=None):
+    """The accumulator around the inner optimizer: one jitted step over micro-batches.
+
+    ``noise_lib.accumulate_for_training`` (``optim.accumulate``, or ``accumulate_with_moments`` /
+    ``accumulate_halves`` for vrgd / agvm) whose noise groups the step chooses from the mesh;
+    the result carries the run's ``noise_lib.NoiseSettings`` as ``.noise``.
+
+    ``aux_shapes``: shapes of what the loss reports per micro-batch (see ``optim.accumulate``;
+    its 'model_state' tells a batch-norm model); ``layer_axes``: see
+    :func:`make_inner_optimizer`.
+
+    Raises:
+      ConfigError: ``config.noise.groups > 1`` on a model where groups do not apply.
     """
+    from jaxbatch.train import config as config_lib
+
     inner = make_inner_optimizer(cfg, layer_axes=layer_axes)
-    return optim.accumulate(inner, cfg.micro_batches, aux_shapes=aux_shapes)
+    scaling_name = cfg.optimizer.gradient_scaling
+    if scaling_name == "vrgd":
+        inner = optim.vrgd(
+            inner,
+            gamma=float(cfg.optimizer.vrgd_gamma),
+            scope=cfg.optimizer.vrgd_scope,
+            layer_axes=layer_axes if cfg.optimizer.vrgd_scope == "layer" else None,
+        )
+    elif scaling_name == "agvm":
+        inner = _lazy_agvm(inner, cfg)
+    state_keys = ()
+    if isinstance(aux_shapes, dict) and isinstance(aux_shapes.get("model_state"), dict):
+        state_keys = tuple(k for k, v in aux_shapes["model_state"].items() if jax.tree.leaves(v))
+    group_task = None
+    if cfg.task == "lm" and cfg.loss.implementation != "reference":
+        from jaxbatch.train import tasks as tasks_lib
+
+        group_task = tasks_lib.make_task(cfg, None)  # the chunked loss without its shard_map
+    try:
+        settings = noise_lib.settings(
+            cfg,
+            model_state_keys=state_keys,
+            pair_loss=cfg.task == "contrastive",
+            group_task=group_task,
+        )
+    except noise_lib.NoiseConfigError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    if scaling_name == "vrgd" and not settings.groups_allowed and cfg.micro_batches == 1:
+        raise config_lib.ConfigError(
+            f"config.optimizer.gradient_scaling='vrgd' with micro_batches=1 needs noise groups, "
+            f"which cannot be used here: {settings.why_no_groups}; use micro_batches > 1"
+        )
+    if settings.enabled and not settings.groups_allowed and settings.groups == 0:
+        if jax.process_index() == 0:
+            print(
+                "noise statistics: per-replica groups off ("
+                + settings.why_no_groups
+                + (
+                    "); B_simple from the micro-batches"
+                    if cfg.micro_batches > 1 and cfg.task != "contrastive"
+                    else "); no B_simple"
+                ),
+                flush=True,
+            )
+    tx = noise_lib.accumulate_for_training(
+        inner, cfg.micro_batches, gradient_scaling=scaling_name, aux_shapes=aux_shapes
+    )
+    return noise_lib.with_settings(tx, settings, gradient_scaling=scaling_name)
 
 
 def make_ema(cfg: ml_collections.ConfigDict):

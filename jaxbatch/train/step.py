@@ -19,9 +19,12 @@ import optax
 
 from jaxbatch import stats
 from jaxbatch.train import grad_cache
+from jaxbatch.train import noise as noise_lib
 from jaxbatch.train.tasks import Task, split_variables
 
-# Smoothing of the |G|^2 and tr(Sigma) estimates before their ratio B_simple (McCandlish et al.).
+# Smoothing of the |G|^2 and tr(Sigma) estimates before their ratio B_simple (McCandlish et al.)
+# for an optimizer that carries no ``noise_lib.NoiseSettings`` (a plain ``optim.accumulate``);
+# the trainer's decay is exp(-B / config.noise.ema_samples) (``noise_lib.ema_decay``).
 NOISE_EMA_DECAY = 0.95
 
 
@@ -188,9 +191,26 @@ def _scaled(grad_fn, fault):
 
 
 def make_train_step(
-    task: Task, tx, ema, *, micro_batches: int, guard: GuardConfig | None = GuardConfig()
+    task: Task,
+    tx,
+    ema,
+    *,
+    micro_batches: int,
+    guard: GuardConfig | None = GuardConfig(),
+    noise: noise_lib.NoiseSettings | None = None,
 ):
     """The pure train step ``(state, batch, fault=None) -> (state, metrics)``.
+
+    Gradient-noise statistics (``jaxbatch.train.noise``): with the settings of ``noise`` (default
+    ``tx.noise``, which ``optimizer.make_optimizer`` attaches), the step takes its small
+    gradients from the k micro-batches and G groups of each (G from the mesh the step is traced
+    under, ``noise_lib.plan_groups``; the groups' gradients run under the logical-axis rules of
+    the inside of a group) and logs, when k·G >= 2, ``noise_g2`` and ``noise_trace`` (the
+    bias-corrected EMAs of |G|^2 and tr(Sigma), decay exp(-B/ema_samples)), ``b_simple`` (their
+    ratio), the step's own estimates ``noise_g2_step`` / ``noise_trace_step``, and
+    ``noise_b_small`` / ``noise_b_big`` (in examples; tokens for 'lm'). An optimizer without
+    settings (a plain ``optim.accumulate``) keeps the micro-batch statistics only, decay
+    ``NOISE_EMA_DECAY``.
 
     Args:
       guard: the in-step fault guard; None builds the step without it (the benchmark's
@@ -203,20 +223,49 @@ def make_train_step(
     """
 
     cached = grad_cache.applies(task, micro_batches)
+    if noise is None:
+        noise = getattr(tx, "noise", None)
+    if cached and noise is not None and noise.groups > 1:
+        why = noise_lib.why_groups_do_not_apply("contrastive", (), True)
+        raise ValueError(
+            f"noise groups ({noise.groups}) with gradient caching (a contrastive loss with "
+            f"micro_batches={micro_batches}): {why}"
+        )
 
     def train_step(state: TrainState, batch: dict, fault: jax.Array | None = None):
         rng, step_rng = jax.random.split(state.rng)
+        batch_examples = int(jax.tree.leaves(batch)[0].shape[0])
+        plan = noise_lib.GroupPlan(1)
+        if noise is not None and not cached:
+            mesh = jax.sharding.get_abstract_mesh()
+            shape = {} if mesh.empty else dict(mesh.shape)
+            plan = noise_lib.plan_groups(noise, shape, batch_examples, micro_batches)
+        extra = {}
         if cached:  # the full-batch contrastive loss at the memory of one micro-batch
             batch, d_shared, loss, loss_metrics = grad_cache.embedding_cotangents(
                 task, state.params, state.model_state, batch, step_rng, micro_batches
             )
             grad_fn = grad_cache.grad_fn_for(task, state.model_state, d_shared, loss, loss_metrics)
+        elif plan.groups > 1:
+            group_task = noise.group_task if noise.group_task is not None else task
+            grad_fn = noise_lib.in_group(grad_fn_for(group_task, state.model_state), plan)
+            extra = dict(
+                noise_groups=plan.groups,
+                group_axis_name=plan.axes,
+                constrain_group_grads=noise_lib.constrain_groups(plan),
+            )
         else:
             grad_fn = grad_fn_for(task, state.model_state)
         if fault is not None:
             grad_fn = _scaled(grad_fn, fault)
         updates, opt_state = tx.update(
-            None, state.opt_state, state.params, grad_fn=grad_fn, batch=batch, rng=step_rng
+            None,
+            state.opt_state,
+            state.params,
+            grad_fn=grad_fn,
+            batch=batch,
+            rng=step_rng,
+            **extra,
         )
         if guard is not None and state.guard is not None:
             scale = state.guard.lr_scale
@@ -234,22 +283,43 @@ def make_train_step(
         metrics = {"loss": aux["loss"], **aux["metrics"]}
         metrics["grad_norm"] = jnp.sqrt(noise_stats.sq_norm_big)
         metrics["update_norm"] = optax.tree.norm(updates)
-        noise = state.noise
-        if micro_batches > 1 and not cached:
+        noise_ema = state.noise
+        if noise is None and micro_batches > 1 and not cached:
             g2, trace = stats.noise_scale_from_two_batches(
                 noise_stats.sq_norm_small,
                 noise_stats.sq_norm_big,
                 noise_stats.b_small.astype(jnp.float32),
                 noise_stats.b_big.astype(jnp.float32),
             )
-            noise, b_simple = stats.noise_scale_ema_update(noise, g2, trace, NOISE_EMA_DECAY)
+            noise_ema, b_simple = stats.noise_scale_ema_update(
+                noise_ema, g2, trace, NOISE_EMA_DECAY
+            )
             metrics["b_simple"] = b_simple
+        elif noise is not None and noise.enabled and micro_batches * plan.groups > 1 and not cached:
+            unit = noise_lib.examples_unit(task.name, batch)
+            b_small = noise_stats.b_small.astype(jnp.float32) * unit
+            b_big = noise_stats.b_big.astype(jnp.float32) * unit
+            g2, trace = stats.noise_scale_from_two_batches(
+                noise_stats.sq_norm_small, noise_stats.sq_norm_big, b_small, b_big
+            )
+            decay = noise_lib.ema_decay(noise, batch_examples)
+            noise_ema, b_simple = stats.noise_scale_ema_update(noise_ema, g2, trace, decay)
+            g2_hat, trace_hat = stats.noise_scale_ema_debiased(noise_ema)
+            metrics.update(
+                noise_g2=g2_hat,
+                noise_trace=trace_hat,
+                b_simple=b_simple,
+                noise_g2_step=g2,
+                noise_trace_step=trace,
+                noise_b_small=b_small,
+                noise_b_big=b_big,
+            )
         new = dict(
             params=params,
             model_state=model_state,
             opt_state=opt_state,
             ema_state=ema_state,
-            noise=noise,
+            noise=noise_ema,
         )
         guard_state = state.guard
         if guard is not None and guard_state is not None:

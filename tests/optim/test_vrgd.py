@@ -226,7 +226,7 @@ def test_zero_variance_and_zero_gradient_stay_finite():
         (lambda: optim.vrgd("sgd"), "inner must be an optax.GradientTransformation"),
         (
             lambda: optim.accumulate_with_moments(optim.vrgd(optax.sgd(0.1)), 1),
-            "micro_batches >= 2",
+            "micro_batches x noise_groups >= 2",
         ),
         (lambda: optim.vrgd(optax.sgd(0.1), mask={"nope": True}).init(_params()), "mask does not"),
     ],

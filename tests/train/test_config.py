@@ -1,5 +1,7 @@
 """Config loading and validation: every bad config fails before any work, naming the bad value."""
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,3 +173,41 @@ def test_config_file_errors_name_the_file_and_line(tmp_path):
     path.write_text("def get_config(arg=None):\n    x = 1\n    return 1 / 0\n")
     with pytest.raises(config_lib.ConfigError, match=r"line 3: ZeroDivisionError"):
         config_lib.load_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["noise.groups=-1"], "config.noise.groups=-1; expected an integer >= 0"),
+        (["noise.groups=7"], "config.noise.groups=7 does not divide the micro-batch of 128"),
+        (["noise.ema_samples=0"], "config.noise.ema_samples=0; expected a number of samples > 0"),
+        (["optimizer.gradient_scaling=lion"], "gradient_scaling='lion'; expected one of"),
+        (["optimizer.vrgd_gamma=1.5"], "vrgd_gamma=1.5; expected 0 <= gamma <= 1"),
+        (["optimizer.vrgd_scope=model"], "vrgd_scope='model'; expected one of"),
+        (["optimizer.agvm_interval=0"], "agvm_interval=0; expected an integer >= 1"),
+        (
+            ["optimizer.gradient_scaling=agvm", "micro_batches=3", "batch_size=96"],
+            "micro_batches must be 1 or even, got 3",
+        ),
+        (
+            ["optimizer.gradient_scaling=vrgd", "noise.groups=1", "micro_batches=1"],
+            "'vrgd' needs at least two small gradients",
+        ),
+    ],
+)
+def test_noise_and_gradient_scaling_values_are_named(overrides, message):
+    """config.noise and the optimizer's gradient_scaling keys: each bad value named."""
+    base = ["batch_size=256", "reference_batch_size=256", "micro_batches=2"]
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.load_config("configs/digits_resnet_lars.py", [*base, *overrides])
+
+
+def test_noise_section_rejects_unknown_keys_and_has_its_defaults():
+    cfg = config_lib.default_config()
+    assert (cfg.noise.enabled, cfg.noise.groups, cfg.optimizer.gradient_scaling) == (
+        True,
+        0,
+        "none",
+    )
+    with pytest.raises(config_lib.ConfigError, match=r"noise\.group_count"):
+        config_lib.load_config("configs/digits_resnet_lars.py", ["noise.group_count=2"])
