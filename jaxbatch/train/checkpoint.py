@@ -18,10 +18,14 @@ raises :class:`DamagedCheckpoint` with a one-line cause, and the loop moves the 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
+import logging
 import os
 import re
+import sys
 from typing import Any
 
 import jax
@@ -54,6 +58,77 @@ def one_line_cause(error: BaseException, limit: int = 240) -> str:
     if len(first) > limit:
         first = first[: limit - 3] + "..."
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+class _OrbaxReadErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" report of an orbax read task.
+
+    Reading a damaged checkpoint, orbax starts concurrent reads (e.g. of the array metadata) and,
+    once one fails, raises without awaiting the others; when those are garbage-collected asyncio
+    logs each one's traceback. The failure is already reported, in one line, by
+    :class:`DamagedCheckpoint`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        tb = getattr(error, "__traceback__", None)
+        while tb is not None:
+            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def _closed_loop_callback(unraisable) -> bool:
+    """A native (tensorstore) completion callback that found orbax's event loop already closed:
+    ``RuntimeError('Event loop is closed')`` raised in ``call_soon_threadsafe`` called from C."""
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    return (
+        isinstance(error, RuntimeError)
+        and str(error) == "Event loop is closed"
+        and tb is not None
+        and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"
+    )
+
+
+_leftovers_quieted = False
+
+
+def _quiet_leftovers_of_failed_reads() -> None:
+    """After a failed read: for the rest of the process, drop what orbax's abandoned reads still
+    print once they finish (asyncio's unretrieved-task report, tensorstore callbacks into the
+    closed loop); everything else reaches the logs and ``sys.unraisablehook`` as before."""
+    global _leftovers_quieted
+    if _leftovers_quieted:
+        return
+    _leftovers_quieted = True
+    logging.getLogger("asyncio").addFilter(_OrbaxReadErrors())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+@contextlib.contextmanager
+def _quiet_damaged_reads():
+    """Within: a failed orbax read prints nothing but the caller's one-line report (see
+    :class:`_OrbaxReadErrors`, :func:`_quiet_leftovers_of_failed_reads`)."""
+    quiet = _OrbaxReadErrors()
+    logger = logging.getLogger("asyncio")
+    logger.addFilter(quiet)
+    try:
+        yield
+    except Exception:
+        _quiet_leftovers_of_failed_reads()
+        gc.collect()  # the abandoned tasks, while the filter is on
+        raise
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _state_digest(abstract_state: Any) -> str:
@@ -157,9 +232,10 @@ class Checkpointer:
     def check_compatible(self, step: int, meta: dict) -> None:
         """Raises CheckpointError unless checkpoint ``step`` holds the model of ``meta``."""
         try:
-            saved = self._manager.restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-            ).meta
+            with _quiet_damaged_reads():
+                saved = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                ).meta
         except Exception as e:  # orbax raises many types for unreadable files
             cause = one_line_cause(e)
             raise DamagedCheckpoint(
@@ -182,13 +258,14 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state placed in ``abstract_state``'s shardings, data-iterator state) of ``step``."""
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                ),
-            )
+            with _quiet_damaged_reads():
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
         except Exception as e:
             cause = one_line_cause(e)
             raise DamagedCheckpoint(

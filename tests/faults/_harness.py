@@ -141,3 +141,33 @@ def truncate_newest(checkpoints: Path) -> int:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def final_state(workdir: Path) -> dict:
+    """Every array of the train state in the newest committed checkpoint of ``workdir``, by path
+    (params, optimizer state, EMA, model state, guard, noise statistics, rng, step), as NumPy.
+
+    Read straight from the files (no model, no device placement), so runs on any mesh and in any
+    process compare the same way."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = Path(workdir) / "checkpoints" / str(committed(Path(workdir) / "checkpoints")[-1])
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path / "state").item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path / "state", restore_args=args)
+    checkpointer.close()
+    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def bitwise_differences(a: dict, b: dict) -> list[str]:
+    """Paths of :func:`final_state` trees whose arrays differ in dtype, shape or any bit."""
+    out = sorted(set(a) ^ set(b))
+    for key in sorted(set(a) & set(b)):
+        x, y = a[key], b[key]
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+            out.append(key)
+    return out
