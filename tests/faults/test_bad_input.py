@@ -133,13 +133,16 @@ def test_workdir_is_a_file(tmp_path, capsys):
     workdir.write_text("x")
     code, err = _main(["train", "--config", DIGITS, "--workdir", str(workdir)], capsys)
     assert code == 2 and "is a file; expected a directory" in err and workdir.read_text() == "x"
+    assert len(err.splitlines()) == 1 and err.startswith("jaxbatch: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "something was created"
 
 
 def test_workdir_under_a_file(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     workdir = tmp_path / "file" / "run"
     code, err = _main(["train", "--config", DIGITS, "--workdir", str(workdir)], capsys)
-    assert code == 2 and "is a file, not a directory" in err, err
+    _check(code, err, "is a file, not a directory", workdir)
+    assert (tmp_path / "file").read_text() == "x"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
