@@ -13,6 +13,9 @@ One run measures, for kind in (softmax, sigmoid) and D = 256, float32:
   only, from ShapeDtypeStructs), in a subprocess: XLA's simulated host devices
   (--xla_force_host_platform_device_count) change how single-device programs run, so they are
   never set in the timing process;
+- the floor: the tile sweeps' matmuls alone (same shapes and loops, no exp), timed in turn with
+  the reference at the goals' sizes: the lowest xla / reference ratio any tiling reaches on this
+  machine with XLA's dot, and the matmuls' FLOP rate;
 - the goals, each printed PASS/FAIL: xla time ≤ 0.75× reference at N = 8,192 and ≤ 0.5× at
   16,384; xla temp memory at N = 65,536 ≤ inputs + their gradients + 64 MiB; time growing as N²
   or slower (the exponent of a least-squares fit of log time on log N over the xla sizes, ≤ 2.15).
@@ -45,6 +48,7 @@ if _RING_WORKER in sys.argv:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -57,6 +61,7 @@ from jaxbatch.losses._contrastive_specs import (  # noqa: E402
     BENCH_XLA_ONLY,
     default_spec,
 )
+from jaxbatch.losses.contrastive import DEFAULT_BLOCK_SIZE  # noqa: E402
 
 MIB = 2**20
 # Issue goals: xla time / reference time at the two largest timed sizes.
@@ -125,6 +130,72 @@ def bench_pairs(kind, sizes, reps, block_size):
         )  # fmt: skip
         _print_row(rows[-1])
     return rows
+
+
+# The [B, B]-sized matmuls per tile pair of each kind's value+gradient (see _contrastive_tiled):
+# softmax 1 (LSE sweep) + 3 (logits, dx, dy); sigmoid 3 in one sweep.
+_SWEEP_DOTS = {"softmax": (1, 3), "sigmoid": (3,)}
+_ROWS_BY_COLS = (((1,), (1,)), ((), ()))
+_MATMUL = (((1,), (0,)), ((), ()))
+_COLS_T = (((0,), (0,)), ((), ()))
+
+
+def _matmuls_only(kind, n, block):
+    """A jitted fn(xb, yb) running only the tile sweeps' matmuls, shapes and loops as in
+    _contrastive_tiled (each tile's logits feed the gradient matmuls directly, no exp): the
+    time a tiled sweep cannot go below with XLA's dot on this machine."""
+    nb = -(-n // block)
+
+    def sweep(xb, yb, dots):
+        def row_block(dy_acc, xi):
+            def col_block(dx_i, col_in):
+                yj, dy_j = col_in
+                s = lax.dot_general(xi, yj, _ROWS_BY_COLS)
+                if dots == 1:
+                    return dx_i + s[:, :1], dy_j
+                dx_i = dx_i + lax.dot_general(s, yj, _MATMUL)
+                return dx_i, dy_j + lax.dot_general(xi, s, _COLS_T)
+
+            width = 1 if dots == 1 else xb.shape[-1]
+            dx_i, dy_acc = lax.scan(col_block, jnp.zeros((block, width)), (yb, dy_acc))
+            return dy_acc, dx_i
+
+        init = jnp.zeros((nb, xb.shape[-1], block))
+        return lax.scan(row_block, init, xb)
+
+    @jax.jit
+    def fn(x, y, s, b):
+        del s, b
+        pad = nb * block - n
+        xb = jnp.pad(x, ((0, pad), (0, 0))).reshape(nb, block, -1)
+        yb = jnp.pad(y, ((0, pad), (0, 0))).reshape(nb, block, -1)
+        return [sweep(xb, yb, dots) for dots in _SWEEP_DOTS[kind]]
+
+    return fn
+
+
+def bench_floor(kind, n, reps, block_size):
+    """The reference against the tiles' matmuls alone, timed in turn: the lowest xla / reference
+    ratio tiling can reach here, and the matmuls' FLOP rate."""
+    block = block_size or DEFAULT_BLOCK_SIZE.get(jax.default_backend(), 512)
+    args = _args(kind, n)
+    ref = _compiled(kind, "reference", None, args)
+    floor = _matmuls_only(kind, n, block)
+    times = _time_alternating([ref, floor], args, reps)
+    flops = 2 * n * n * BENCH_DIM * sum(_SWEEP_DOTS[kind])
+    row = dict(
+        kind=kind, n=n, block=block, ref_s=float(np.median(times[:, 0])),
+        matmul_s=float(np.median(times[:, 1])),
+        floor_ratio=float(np.median(times[:, 1] / times[:, 0])),
+        matmul_gflops=flops / float(np.median(times[:, 1])) / 1e9,
+    )  # fmt: skip
+    print(
+        f"  {kind:8s} N={n:>7,d} B={block}: reference {row['ref_s']:.3f}s, the tiles' "
+        f"{sum(_SWEEP_DOTS[kind])} matmuls per tile pair alone {row['matmul_s']:.3f}s "
+        f"({row['matmul_gflops']:.0f} GFLOP/s): floor ratio {row['floor_ratio']:.2f}",
+        flush=True,
+    )
+    return row
 
 
 def bench_xla_only(kind, n, reps, block_size):
@@ -295,6 +366,11 @@ def main():
         ))  # fmt: skip
         goals.append((f"{kind}: xla time grows as N^2 or slower", exponent <= EXPONENT_GOAL,
                        f"fitted exponent {exponent:.2f}"))  # fmt: skip
+
+    print("\nfloor: the tiles' matmuls alone (no exp, no statistics) against the reference")
+    results["floor"] = [
+        bench_floor(kind, n, reps, args.block_size) for kind in BENCH_KINDS for n in ratio_goals
+    ]
 
     if args.sweep_blocks:
         results["block_sweep"] = _block_sweep(2048 if args.quick else 8192, reps)
