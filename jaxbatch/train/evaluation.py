@@ -15,7 +15,7 @@ from jaxbatch.train import precise_bn
 from jaxbatch.train import step as step_lib
 
 if TYPE_CHECKING:
-    from jaxbatch.train.loop import Run
+    from jaxbatch.train.run import Run
 
 
 def evaluate(
