@@ -348,7 +348,10 @@ def reference_attention(
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tiling:
+class Tiling:
+    """Static tiles of :func:`chunked_forward` / :func:`chunked_backward`: the causal flag and
+    the query / key block sizes (the inputs' lengths must be multiples of them)."""
+
     causal: bool
     block_q: int
     block_k: int
@@ -372,7 +375,7 @@ def chunked_attention(
     b, tq, h, d = q.shape
     tk = k.shape[1]
     chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    tiling = _Tiling(causal, min(chunk, tq), min(chunk, tk))
+    tiling = Tiling(causal, min(chunk, tq), min(chunk, tk))
     pad_q, pad_k = -tq % tiling.block_q, -tk % tiling.block_k
     key_valid = jnp.ones((b, tk), bool) if key_mask is None else key_mask
     key_valid = jnp.pad(key_valid, ((0, 0), (0, pad_k)))
@@ -401,7 +404,7 @@ def _unblock(x):
 class _Blocked:
     """The padded inputs cut into blocks, and the tile mask / causal loop bounds."""
 
-    def __init__(self, t: _Tiling, q, k, q_seg, k_seg, key_valid, offset):
+    def __init__(self, t: Tiling, q, k, q_seg, k_seg, key_valid, offset):
         self.t, self.offset = t, offset
         self.nq, self.nk = q.shape[1] // t.block_q, k.shape[1] // t.block_k
         self.q_seg = None if q_seg is None else _blocks(q_seg, t.block_q)
@@ -433,7 +436,16 @@ def _scores(qi, kj, d):
     return jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) / math.sqrt(d)
 
 
-def _chunked_forward(t: _Tiling, q, k, v, q_seg, k_seg, key_valid, offset):
+def chunked_forward(t: Tiling, q, k, v, q_seg, k_seg, key_valid, offset):
+    """The forward of :func:`chunked_attention` on padded inputs: (o, lse).
+
+    FlashAttention-2 forward (Dao 2023, Alg. 1) by tiles ``t``: q [B, Tq, H, D], k, v [B, Tk, H,
+    D] with Tq, Tk multiples of the blocks, segment ids int32 [B, T] or None, key_valid bool
+    [B, Tk], offset an int32 scalar (absolute position of query 0; keys start at 0). Key tiles
+    wholly in a query tile's causal future are not visited. Returns o [B, Tq, H, D] (v's dtype)
+    and lse = m + log l, float32 [B, H, Tq], +inf on rows that saw no key. Used per block by
+    ``jaxbatch.nn.context_parallel``'s ring, which merges blocks through their lse.
+    """
     d = q.shape[-1]
     blk = _Blocked(t, q, k, q_seg, k_seg, key_valid, offset)
     qb, kb, vb = _blocks(q, t.block_q), _blocks(k, t.block_k), _blocks(v, t.block_k)
@@ -471,16 +483,23 @@ def _chunked_forward(t: _Tiling, q, k, v, q_seg, k_seg, key_valid, offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(t: _Tiling, q, k, v, q_seg, k_seg, key_valid, offset):
-    return _chunked_forward(t, q, k, v, q_seg, k_seg, key_valid, offset)[0]
+def _chunked(t: Tiling, q, k, v, q_seg, k_seg, key_valid, offset):
+    return chunked_forward(t, q, k, v, q_seg, k_seg, key_valid, offset)[0]
 
 
 def _chunked_fwd(t, q, k, v, q_seg, k_seg, key_valid, offset):
-    o, lse = _chunked_forward(t, q, k, v, q_seg, k_seg, key_valid, offset)
+    o, lse = chunked_forward(t, q, k, v, q_seg, k_seg, key_valid, offset)
     return o, (q, k, v, o, lse, q_seg, k_seg, key_valid, offset)
 
 
-def _chunked_bwd(t: _Tiling, res, do):
+def chunked_backward(t: Tiling, res, do):
+    """The backward of :func:`chunked_attention` (Dao 2023, Alg. 2): (dq, dk, dv, None × 4).
+
+    ``res = (q, k, v, o, lse, q_seg, k_seg, key_valid, offset)`` as :func:`chunked_forward`
+    takes and returns them; P = exp(s − lse) is recomputed per tile, so a caller may pass the
+    *global* o and lse of a longer key sequence (the ring attention's blocks) and get this
+    block's share of dq and its dk, dv.
+    """
     q, k, v, o, lse, q_seg, k_seg, key_valid, offset = res
     d = q.shape[-1]
     blk = _Blocked(t, q, k, q_seg, k_seg, key_valid, offset)
@@ -517,7 +536,7 @@ def _chunked_bwd(t: _Tiling, res, do):
     return _unblock(dq).astype(q.dtype), _unblock(dk), _unblock(dv), None, None, None, None
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked.defvjp(_chunked_fwd, chunked_backward)
 
 
 # ----------------------------------------------------------------------------- cuDNN (GPU)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from jaxbatch.nn import attention as attention_lib
-from jaxbatch.nn import compressed_activations
+from jaxbatch.nn import compressed_activations, context_parallel
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
 from jaxbatch.nn.layers import (
     MlpBlock,
@@ -37,6 +37,8 @@ class BertBlock(nn.Module):
     attention: str = "auto"
     attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
     compress_activations: tuple[str, ...] = ()
+    context_parallel: str = "none"
+    context_layout: str = "contiguous"
 
     @nn.compact
     def __call__(self, x: jax.Array, key_mask: jax.Array) -> tuple[jax.Array, None]:
@@ -49,6 +51,8 @@ class BertBlock(nn.Module):
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
             compress_softmax=compressed_activations.SOFTMAX in names,
+            context_parallel=self.context_parallel,
+            context_layout=self.context_layout,
             name="attn",
         )(x, key_mask=key_mask)
         h = nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
@@ -102,6 +106,11 @@ class BertMLM(nn.Module):
         ``attention='reference'``).
       dtype: compute dtype (logits are returned in float32).
       param_dtype: parameter dtype.
+      context_parallel: 'none' or a strategy of ``jaxbatch.nn.context_parallel``: with a mesh
+        'context' axis > 1 every block's attention runs inside ``jax.shard_map`` over it.
+      context_layout: 'contiguous' or 'zigzag' (the 'mlm' task reorders the batch and passes
+        the original ``positions``; attention here is not causal, so zig-zag only changes the
+        order).
     """
 
     vocab_size: int = 30522
@@ -119,9 +128,14 @@ class BertMLM(nn.Module):
     compress_activations: tuple[str, ...] = ()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    context_parallel: str = "none"
+    context_layout: str = "contiguous"
 
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
+        context_parallel.check_model_options(
+            self.context_parallel, self.context_layout, where="BertMLM"
+        )
         if self.attention not in attention_lib.IMPLEMENTATIONS:
             raise ValueError(
                 f"BertMLM: unknown attention {self.attention!r}; expected one of "
@@ -144,11 +158,40 @@ class BertMLM(nn.Module):
             raise ValueError(f"BertMLM: dropout must be in [0, 1), got {self.dropout}")
         super().__post_init__()
 
+    def _check_context(self, length: int, positions) -> None:
+        context = context_parallel.context_axis_size()
+        if context == 1 or self.is_initializing():
+            return
+        if self.context_parallel == "none":
+            raise ValueError(
+                f"BertMLM: the mesh splits the sequence over context = {context}, but "
+                f"context_parallel='none'; set it to one of {context_parallel.STRATEGIES}"
+            )
+        if self.context_layout == "zigzag" and positions is None:
+            raise ValueError(
+                "BertMLM: context_layout='zigzag' reorders the tokens, so the original positions "
+                "must be passed"
+            )
+        context_parallel.check_model_sizes(
+            seq_len=length, heads=self.heads, strategy=self.context_parallel,
+            layout=self.context_layout, mesh_shape=context_parallel.current_mesh().shape,
+            where="BertMLM",
+        )  # fmt: skip
+
     @nn.compact
     def __call__(
-        self, input_ids: jax.Array, masked_positions: jax.Array, train: bool = False
+        self,
+        input_ids: jax.Array,
+        masked_positions: jax.Array,
+        train: bool = False,
+        positions: jax.Array | None = None,
     ) -> jax.Array:
-        """MLM logits float32 [B, P, vocab] at ``masked_positions`` int [B, P] of ids int [B, L]."""
+        """MLM logits float32 [B, P, vocab] at ``masked_positions`` int [B, P] of ids int [B, L].
+
+        ``positions`` int [B, L] (default 0..L−1) index the position table: the original
+        positions of a batch in the zig-zag order (``masked_positions`` then index the reordered
+        sequence).
+        """
         if input_ids.ndim != 2 or masked_positions.ndim != 2:
             raise ValueError(
                 f"BertMLM: expected input_ids [B, L] and masked_positions [B, P], got shapes "
@@ -157,6 +200,14 @@ class BertMLM(nn.Module):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"BertMLM: sequence length {length} exceeds max_len={self.max_len}")
+        if positions is not None and (
+            positions.shape != input_ids.shape or not jnp.issubdtype(positions.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"BertMLM: positions must be int of the ids' shape {input_ids.shape}, got "
+                f"{positions.dtype}{positions.shape}"
+            )
+        self._check_context(length, positions)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed = nn.Embed(
             self.vocab_size,
@@ -171,7 +222,8 @@ class BertMLM(nn.Module):
             (self.max_len, self.width),
             self.param_dtype,
         )
-        x = embed(input_ids) + pos[:length].astype(self.dtype)
+        pos = pos[:length][None] if positions is None else jnp.take(pos, positions, axis=0)
+        x = embed(input_ids) + pos.astype(self.dtype)
         names = tuple(self.compress_activations or ())
         x = layer_norm(
             **kw, name="embed_norm", compress=compressed_activations.LAYER_NORM_INPUT in names
@@ -188,6 +240,9 @@ class BertMLM(nn.Module):
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
             compress_activations=names,
+            # init traces the plain attention (the same parameters, any init batch size)
+            context_parallel="none" if self.is_initializing() else self.context_parallel,
+            context_layout=self.context_layout,
             **kw,
         )
         if self.scan_layers:

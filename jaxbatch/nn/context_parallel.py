@@ -65,6 +65,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -72,7 +73,7 @@ from jax.sharding import PartitionSpec as P
 from jaxbatch.nn import attention as attention_lib
 
 # The chunked attention's per-block forward (o, lse) and backward; used, not copied.
-from jaxbatch.nn.attention import _chunked_bwd, _chunked_forward, _Tiling
+from jaxbatch.nn.attention import Tiling, chunked_backward, chunked_forward
 
 STRATEGIES: tuple[str, ...] = ("all_gather", "ring", "ulysses")
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
@@ -414,9 +415,9 @@ class _RingPlan:
     size: int
     zigzag: bool  # causal with two runs per device
     run_len: int  # unpadded positions per run
-    pairs: tuple[tuple[int, int, _Tiling], ...]
+    pairs: tuple[tuple[int, int, Tiling], ...]
 
-    def offset(self, me, src, a: int, b: int, tiling: _Tiling) -> jax.Array:
+    def offset(self, me, src, a: int, b: int, tiling: Tiling) -> jax.Array:
         """Relative offset of query run a (on device me) to key run b (held by device src)."""
         if not tiling.causal:
             return jnp.zeros((), jnp.int32)
@@ -438,7 +439,7 @@ def _ring(q, k, v, segment_ids, key_mask, axis, size, causal, zigzag, chunk):
     run_len = t_local // runs
     block = min(chunk, run_len)
     padded = -(-run_len // block) * block
-    causal_tiles, full_tiles = _Tiling(True, block, block), _Tiling(False, block, block)
+    causal_tiles, full_tiles = Tiling(True, block, block), Tiling(False, block, block)
     if not causal:
         pairs = ((0, 0, full_tiles),)
     elif runs == 1:
@@ -496,7 +497,7 @@ def _ring_forward(plan: _RingPlan, q, k, v, seg, valid):
         k_cur, v_cur, seg_cur, valid_cur = kv
         o, lse = list(o), list(lse)
         for a, r, tiling in plan.pairs:
-            o_blk, lse_blk = _chunked_forward(
+            o_blk, lse_blk = chunked_forward(
                 tiling, q[a], k_cur[r], v_cur[r], _pick(seg, a), _pick(seg_cur, r), valid_cur[r],
                 plan.offset(me, src, a, r, tiling),
             )  # fmt: skip
@@ -537,7 +538,7 @@ def _ring_attention_bwd(plan: _RingPlan, res, do):
                 q[a], k_cur[r], v_cur[r], o[a], lse[a], _pick(seg, a), _pick(seg_cur, r),
                 valid_cur[r], plan.offset(me, src, a, r, tiling),
             )  # fmt: skip
-            dq_blk, dk_blk, dv_blk = _chunked_bwd(tiling, res_blk, do[a])[:3]
+            dq_blk, dk_blk, dv_blk = chunked_backward(tiling, res_blk, do[a])[:3]
             dq[a] = dq[a] + dq_blk.astype(_F32)
             dk[r] = dk[r] + dk_blk.astype(_F32)
             dv[r] = dv[r] + dv_blk.astype(_F32)
@@ -657,3 +658,121 @@ def sharded_context_parallel_attention(
         check_vma=False,
     )
     return fn(q, k, v, given)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+MODEL_STRATEGIES: tuple[str, ...] = ("none", *STRATEGIES)
+"""The values of a model's ``context_parallel`` attribute ('none': the ordinary attention)."""
+
+
+def check_model_options(strategy: str, layout: str, *, where: str) -> None:
+    """ValueError unless ``strategy`` is in :data:`MODEL_STRATEGIES` and ``layout`` in LAYOUTS."""
+    if strategy not in MODEL_STRATEGIES:
+        raise ValueError(
+            f"{where}: unknown context_parallel={strategy!r}; expected one of {MODEL_STRATEGIES}"
+        )
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: unknown context_layout={layout!r}; expected one of {LAYOUTS}")
+
+
+def current_mesh():
+    """The mesh of the trace (``jax.set_mesh`` / ``use_abstract_mesh``), or None if none is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def context_axis_size(mesh=None) -> int:
+    """Size of the 'context' axis of ``mesh`` (default: the trace's mesh); 1 without one."""
+    mesh = current_mesh() if mesh is None else mesh
+    if mesh is None or CONTEXT_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[CONTEXT_AXIS])
+
+
+def model_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    strategy: str,
+    layout: str,
+    causal: bool,
+    segment_ids: jax.Array | None,
+    key_mask: jax.Array | None,
+    implementation: str,
+    chunk_size: int | None,
+) -> jax.Array:
+    """The self-attention of a model's layer over the trace's mesh ('context' axis > 1).
+
+    q, k, v [B, T, H, D] are the layer's global activations (their sequence sharded over
+    'context' by the logical rule length → context); the call runs
+    :func:`sharded_context_parallel_attention` on the abstract mesh of the trace, the batch over
+    (data, fsdp), heads over tensor. In the zig-zag layout the batch must have been put in the
+    zig-zag order for this context size (:func:`zigzag_shard_batch`; the trainer's tasks do it).
+    """
+    mesh = current_mesh()
+    if mesh is None or context_axis_size(mesh) == 1:
+        raise ValueError(
+            f"context_parallel={strategy!r}: model_attention needs a mesh with a 'context' axis "
+            "> 1 in the trace (jax.set_mesh or the trainer's step)"
+        )
+    batch_axes, heads_axis = _rule_axes("batch", ("data", "fsdp")), _rule_axes("heads", "tensor")
+    return sharded_context_parallel_attention(
+        q, k, v, mesh=mesh, strategy=strategy, causal=causal, segment_ids=segment_ids,
+        key_mask=key_mask, layout=layout, implementation=implementation, chunk_size=chunk_size,
+        batch_axes=batch_axes, heads_axis=heads_axis,
+    )  # fmt: skip
+
+
+def _rule_axes(name: str, default):
+    """The mesh axes the active flax logical-axis rules give ``name`` (``default`` without rules).
+
+    Read from the rules rather than fixed, so that inside the trainer's noise groups (a vmap
+    whose group axis holds some batch axes, with rules mapping 'batch' to the others) the
+    shard_map splits the batch over the axes left to it.
+    """
+    rules = linen.get_logical_axis_rules()
+    if not rules:
+        return default
+    return dict(rules).get(name, default)
+
+
+def check_model_sizes(
+    *,
+    seq_len: int,
+    heads: int,
+    strategy: str,
+    layout: str,
+    mesh_shape: Mapping[str, int],
+    where: str,
+) -> None:
+    """Refuses, before anything is traced, sizes a context-parallel model cannot split.
+
+    Args:
+      seq_len: tokens per example T.
+      heads: attention heads H of the model.
+      strategy, layout: the model's context_parallel / context_layout.
+      mesh_shape: the mesh's axis sizes (context, tensor).
+      where: a prefix for the messages (e.g. 'config.model').
+
+    Raises:
+      ValueError: T not divisible by context (2 × context for zig-zag), heads not divisible by
+        tensor, or (Ulysses) per-device heads not divisible by context; each naming the sizes.
+    """
+    context = int(mesh_shape.get(CONTEXT_AXIS, 1))
+    tensor = int(mesh_shape.get("tensor", 1))
+    if context == 1:
+        return
+    pieces = 2 * context if layout == "zigzag" else context
+    if seq_len % pieces:
+        need = f"2 × context = {pieces} (zig-zag layout)" if layout == "zigzag" else None
+        raise ValueError(
+            f"{where}: sequence length {seq_len} is not divisible by "
+            f"{need or f'context = {context}'}"
+        )
+    if heads % tensor:
+        raise ValueError(f"{where}: heads {heads} are not divisible by tensor = {tensor}")
+    if strategy == "ulysses":
+        _check_ulysses_heads(heads // tensor, heads // tensor, context, where="per-device ")

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 
-from jaxbatch.nn import compressed_activations, streambp
+from jaxbatch.nn import compressed_activations, context_parallel, streambp
 from jaxbatch.nn.axes import BATCH, EMBED, LAYERS, LENGTH, VOCAB, constrain, partitioned
 from jaxbatch.nn.layers import check_softmax_compression, layer_norm, pre_ln_block
 from jaxbatch.nn.remat import get_policy, remat_module
@@ -60,6 +60,8 @@ class DecoderBlock(nn.Module):
     attention: str = "auto"
     attention_chunk_size: int = 512
     compress_activations: tuple[str, ...] = ()  # block-level names, read by pre_ln_block
+    context_parallel: str = "none"  # read by pre_ln_block
+    context_layout: str = "contiguous"
 
     @nn.compact
     def __call__(
@@ -127,6 +129,14 @@ class DecoderLM(nn.Module):
         ``backprop``; 'layer_input' (with 'streambp' only): the block inputs kept for the backward
         pass are int8 with one scale per position (a quarter of the f32 bytes; the gradient
         becomes that at the dequantized inputs).
+      context_parallel: 'none' or a strategy of ``jaxbatch.nn.context_parallel`` ('all_gather',
+        'ring', 'ulysses'): when the trace's mesh has a 'context' axis > 1 (the sequence of the
+        activations is split over it by the rule length → context), every block's attention
+        runs inside ``jax.shard_map`` over 'context' with that strategy. Everything else in the
+        model is position-wise.
+      context_layout: 'contiguous' or 'zigzag' (causal load balancing): the batch must come in
+        that order (``context_parallel.zigzag_shard_batch``, which the 'lm' task applies) with
+        the original ``positions``; the causal mask follows the layout.
     """
 
     vocab_size: int = 258
@@ -145,9 +155,21 @@ class DecoderLM(nn.Module):
     backprop: str = "full"
     stream_chunk_size: int = 512
     compress_activations: tuple[str, ...] = ()
+    context_parallel: str = "none"
+    context_layout: str = "contiguous"
 
     def __post_init__(self):
         get_policy(self.remat_policy)  # fails early on an unknown name
+        context_parallel.check_model_options(
+            self.context_parallel, self.context_layout, where="DecoderLM"
+        )
+        if self.context_parallel != "none" and compressed_activations.SOFTMAX in tuple(
+            self.compress_activations or ()
+        ):
+            raise ValueError(
+                "DecoderLM: compress_activations 'softmax' keeps the reference attention's "
+                f"probabilities, which context_parallel={self.context_parallel!r} never forms"
+            )
         if self.width % self.heads:
             raise ValueError(
                 f"DecoderLM: width={self.width} is not divisible by heads={self.heads}"
@@ -211,6 +233,9 @@ class DecoderLM(nn.Module):
             attention=self.attention,
             attention_chunk_size=self.attention_chunk_size,
             compress_activations=self._block_compress,
+            # init traces the plain attention (the same parameters, any init batch size)
+            context_parallel="none" if self.is_initializing() else self.context_parallel,
+            context_layout=self.context_layout,
             **kw,
         )
         if self.scan_layers:
@@ -253,6 +278,30 @@ class DecoderLM(nn.Module):
                 raise ValueError(f"DecoderLM: {name} must be integers, got {a.dtype}")
         if self.backprop == "streambp":
             streambp.check_chunk_size(self.stream_chunk_size, length)
+        context = context_parallel.context_axis_size()
+        if context > 1 and not self.is_initializing():
+            if self.context_parallel == "none":
+                raise ValueError(
+                    f"DecoderLM: the mesh splits the sequence over context = {context}, but "
+                    "context_parallel='none'; set it to one of "
+                    f"{context_parallel.STRATEGIES}"
+                )
+            if self.backprop == "streambp":
+                raise ValueError(
+                    f"DecoderLM: backprop='streambp' does not compose with context parallelism "
+                    f"(context = {context}): its sequence chunks attend to a key prefix, not "
+                    "the whole sharded sequence; use backprop 'full' or 'remat'"
+                )
+            if self.context_layout == "zigzag" and positions is None:
+                raise ValueError(
+                    "DecoderLM: context_layout='zigzag' reorders the tokens, so the original "
+                    "positions must be passed (zigzag_shard_batch(..., add_positions=...))"
+                )
+            context_parallel.check_model_sizes(
+                seq_len=length, heads=self.heads, strategy=self.context_parallel,
+                layout=self.context_layout, mesh_shape=context_parallel.current_mesh().shape,
+                where="DecoderLM",
+            )  # fmt: skip
 
     def _stream_blocks(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         params = nn.meta.unbox(self.variables["params"])

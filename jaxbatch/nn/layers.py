@@ -7,7 +7,7 @@ from flax.typing import Dtype
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxbatch.nn import attention as attention_lib
-from jaxbatch.nn import compressed_activations, remat
+from jaxbatch.nn import compressed_activations, context_parallel, remat
 from jaxbatch.nn.axes import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM, constrain, partitioned
 
 _default_kernel_init = nn.initializers.xavier_uniform()
@@ -176,6 +176,11 @@ class MultiHeadAttention(nn.Module):
       compress_softmax: keep the attention probabilities for the backward pass as int8 ('softmax'
         of ``compress_activations``); only the 'reference' implementation stores them (the others
         recompute them from q, k, v), so it needs ``attention='reference'``.
+      context_parallel: 'none', or a strategy of ``jaxbatch.nn.context_parallel`` ('all_gather',
+        'ring', 'ulysses') used for the self-attention of a whole sequence when the trace's mesh
+        has a 'context' axis > 1 (otherwise the ordinary attention runs).
+      context_layout: 'contiguous' or 'zigzag': the order of the sequence over 'context' (the
+        batch must already be in it; positions come from the batch).
     """
 
     num_heads: int
@@ -184,6 +189,8 @@ class MultiHeadAttention(nn.Module):
     attention: str = "reference"
     attention_chunk_size: int = attention_lib.DEFAULT_CHUNK_SIZE
     compress_softmax: bool = False
+    context_parallel: str = "none"
+    context_layout: str = "contiguous"
 
     def setup(self):
         if self.attention not in attention_lib.IMPLEMENTATIONS:
@@ -192,6 +199,9 @@ class MultiHeadAttention(nn.Module):
                 f"{attention_lib.IMPLEMENTATIONS}"
             )
         check_softmax_compression(self.compress_softmax, self.attention, "MultiHeadAttention")
+        context_parallel.check_model_options(
+            self.context_parallel, self.context_layout, where="MultiHeadAttention"
+        )
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.query = _SplitHeads(self.num_heads, **kw)
         self.key = _SplitHeads(self.num_heads, **kw)
@@ -237,6 +247,25 @@ class MultiHeadAttention(nn.Module):
             y = attention_lib.reference_attention(
                 q, k, v, mask=mask, compress_softmax=self.compress_softmax, **kw
             )
+        elif self.context_parallel != "none" and context_parallel.context_axis_size() > 1:
+            self_attention = q.shape[1] == k.shape[1] and query_segment_ids is key_segment_ids
+            if not self_attention or not isinstance(query_offset, int) or query_offset:
+                raise ValueError(
+                    f"MultiHeadAttention(context_parallel={self.context_parallel!r}) splits the "
+                    "self-attention of a whole sequence over 'context'; got queries "
+                    f"{q.shape[1]} against keys {k.shape[1]} at query_offset={query_offset!r} "
+                    "(StreamBP's sequence chunks do not compose with context parallelism)"
+                )
+            if self.compress_softmax:
+                raise ValueError(
+                    "MultiHeadAttention: compress_softmax keeps the reference attention's "
+                    "probabilities, which the context-parallel attention never forms"
+                )
+            y = context_parallel.model_attention(
+                q, k, v, strategy=self.context_parallel, layout=self.context_layout,
+                causal=causal, segment_ids=query_segment_ids, key_mask=key_mask,
+                implementation=self.attention, chunk_size=self.attention_chunk_size,
+            )  # fmt: skip
         elif self.compress_softmax:
             y = attention_lib.reference_attention(q, k, v, compress_softmax=True, **kw)
         else:
@@ -331,6 +360,8 @@ def pre_ln_block(
     ``block.compress_activations`` (optional, default ()) names the saved activations kept as
     int8 for the backward pass (``jaxbatch.nn.compressed_activations.COMPRESSIBLE``: the MLP
     input, the layer-norm inputs and, with the 'reference' attention, the softmax output).
+    ``block.context_parallel`` / ``block.context_layout`` (optional, default 'none' /
+    'contiguous') go to :class:`MultiHeadAttention`.
     """
     kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
     names = tuple(getattr(block, "compress_activations", ()))
@@ -344,6 +375,8 @@ def pre_ln_block(
             block, "attention_chunk_size", attention_lib.DEFAULT_CHUNK_SIZE
         ),
         compress_softmax=compressed_activations.SOFTMAX in names,
+        context_parallel=getattr(block, "context_parallel", "none"),
+        context_layout=getattr(block, "context_layout", "contiguous"),
         name="attn",
     )(h, mask, causal=causal, segment_ids=segment_ids, key_mask=key_mask)
     x = x + nn.Dropout(block.dropout)(h, deterministic=deterministic)

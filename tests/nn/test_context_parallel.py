@@ -1,10 +1,14 @@
 """Context-parallel attention on the 8 simulated devices against one-device dense attention.
 
-Every strategy × context ∈ {1, 2, 4, 8} × layout ∈ {contiguous, zigzag} is one jitted program per
-(context, layout) that runs two calls per strategy on B = 4 rows, so each mask case is a row:
-non-causal (no padding / right padding / scattered padding / all padding), and causal (plain
-causal: one segment, no padding / packed segments / packed + padding / every key padded). The
-dense oracle is ``attention.reference_attention`` on the original order.
+Every strategy × context ∈ {1, 2, 4, 8} × layout ∈ {contiguous, zigzag} × {non-causal, causal} is
+checked in output and q/k/v gradients. The mask cases are rows of a B = 4 batch, so each call
+covers several: non-causal (no padding / right padding / scattered padding / all padding), and
+causal (plain causal: one segment, no padding / packed segments / packed + padding / every key
+padded). One program per (strategy, context) holds its 4 (layout, causal) calls: 12 compiles in
+all, each with XLA:CPU's cheapest options (``FAST``). Compile time is the whole cost: one program
+per strategy for all four meshes compiles slower than four (XLA's passes grow faster than the
+program), and every call is its own code (causal is static), so the calls cannot be batched.
+The dense oracle is ``attention.reference_attention`` on the original order.
 """
 
 import functools
@@ -20,28 +24,36 @@ from jaxbatch import parallel
 from jaxbatch.nn import attention
 from jaxbatch.nn import context_parallel as cp
 
-B, T, H, D = 4, 32, 8, 4  # H = 8: Ulysses at context 8; T = 32: 2 × 8 zig-zag chunks of 2
-CHUNK = 3  # no local length is a multiple: the padded-tile path runs everywhere
+B, T, H, D = 4, 16, 8, 2  # H = 8: Ulysses at context 8; T = 16: 2 × 8 zig-zag chunks of 1
+CHUNK = 3  # most local lengths are not multiples: the padded-tile path runs
 MESHES = {  # context -> the other axes (the batch over data/fsdp, heads over tensor)
     1: dict(data=2, fsdp=2, tensor=2),
     2: dict(data=2, context=2, tensor=2),
     4: dict(data=2, context=4),
     8: dict(data=1, context=8),
 }
+# Compile cheaply: LLVM at -O0 (tests/nn/conftest.py's fast_jit), the legacy elemental emitters
+# and one LLVM module per program (no split for parallel codegen): together a third of the
+# default compile time of these small programs; the HLO and IEEE semantics are unchanged.
+FAST = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1,
+}
 
 
 def _masks():
     pos = np.arange(T)
-    key_mask = np.stack([pos >= 0, pos < 27, pos % 3 != 1, pos < 0])  # full .. every key padded
+    key_mask = np.stack([pos >= 0, pos < 13, pos % 3 != 1, pos < 0])  # full .. every key padded
     seg = np.stack(
         [
             np.zeros(T),  # plain causal
-            np.repeat([0, 1, 2], [10, 14, 8]),
-            np.repeat([3, 5], [20, 12]),
-            np.repeat([0, 1], [16, 16]),
+            np.repeat([0, 1, 2], [5, 7, 4]),
+            np.repeat([3, 5], [10, 6]),
+            np.repeat([0, 1], [8, 8]),
         ]
     ).astype(np.int32)
-    causal_mask = np.stack([pos >= 0, pos >= 0, pos < 29, pos < 0])
+    causal_mask = np.stack([pos >= 0, pos >= 0, pos < 14, pos < 0])
     return jnp.asarray(key_mask), jnp.asarray(seg), jnp.asarray(causal_mask)
 
 
@@ -51,7 +63,7 @@ def case():
     q, k, v, w_full, w_causal = (jax.random.normal(kk, (B, T, H, D), jnp.float32) for kk in keys)
     key_mask, seg, causal_mask = _masks()
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=FAST)
     def dense(q, k, v):
         full = functools.partial(attention.reference_attention, key_mask=key_mask)
         causal = functools.partial(
@@ -69,47 +81,47 @@ def _value_and_grads(f, w, q, k, v):
     return (out, *vjp(w))
 
 
-def _parallel_program(mesh, context, layout):
-    """All strategies, the non-causal and the causal call each, value and q/k/v gradients."""
-    zig = layout == "zigzag"
+def _program(strategy, mesh, context):
+    """Both layouts of one strategy on one mesh: the non-causal and the causal call each, value
+    and q/k/v gradients, in the original order."""
 
-    def program(q, k, v, w_full, w_causal, key_mask, seg, causal_mask):
+    def one(layout, q, k, v, w_full, w_causal, key_mask, seg, causal_mask):
+        zig = layout == "zigzag"
         if zig:  # once, on the input batch; gradients flow back through the permutation
             q, k, v, w_full, w_causal, key_mask, seg, causal_mask = cp.zigzag_shard_batch(
                 (q, k, v, w_full, w_causal, key_mask, seg, causal_mask), context
             )
-        results = {}
-        for strategy in cp.STRATEGIES:
-            attend = functools.partial(
-                cp.sharded_context_parallel_attention, mesh=mesh, strategy=strategy,
-                layout=layout, chunk_size=CHUNK,
-            )  # fmt: skip
-            full = functools.partial(attend, key_mask=key_mask)
-            causal = functools.partial(attend, causal=True, segment_ids=seg, key_mask=causal_mask)
-            got = [_value_and_grads(f, w, q, k, v) for f, w in ((full, w_full), (causal, w_causal))]
-            results[strategy] = cp.unzigzag(got, context) if zig else got
-        return results
+        attend = functools.partial(
+            cp.sharded_context_parallel_attention, mesh=mesh, strategy=strategy, layout=layout,
+            chunk_size=CHUNK,
+        )  # fmt: skip
+        full = functools.partial(attend, key_mask=key_mask)
+        causal = functools.partial(attend, causal=True, segment_ids=seg, key_mask=causal_mask)
+        got = [_value_and_grads(f, w, q, k, v) for f, w in ((full, w_full), (causal, w_causal))]
+        return cp.unzigzag(got, context) if zig else got
 
-    return program
+    return lambda *inputs: {layout: one(layout, *inputs) for layout in cp.LAYOUTS}
 
 
-@pytest.mark.parametrize("layout", cp.LAYOUTS)
 @pytest.mark.parametrize("context", sorted(MESHES))
-def test_every_strategy_equals_dense_attention(fast_jit, eight_devices, case, context, layout):
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_every_layout_and_mask_equals_dense_attention(eight_devices, case, strategy, context):
     inputs, want = case
     mesh = parallel.make_mesh(**MESHES[context])
     assert mesh.shape["context"] == context
-    got = jax.device_get(fast_jit(_parallel_program(mesh, context, layout))(*inputs))
-    for strategy in cp.STRATEGIES:
+    got = jax.device_get(
+        jax.jit(_program(strategy, mesh, context), compiler_options=FAST)(*inputs)
+    )
+    assert sorted(got) == sorted(cp.LAYOUTS)
+    for layout, calls in got.items():
         for call, name in enumerate(("full", "causal")):
             for part, label in enumerate(("out", "dq", "dk", "dv")):
                 np.testing.assert_allclose(
-                    got[strategy][call][part], want[call][part], atol=1e-5, rtol=1e-5,
+                    calls[call][part], want[call][part], atol=1e-5, rtol=1e-5,
                     err_msg=f"{strategy} {name} context={context} {layout}: {label}",
                 )  # fmt: skip
-    # Rows with no visible key (row 3: every key padded) give exactly 0 and pass no gradient.
-    for strategy in cp.STRATEGIES:
-        assert not np.any(got[strategy][1][0][3]) and not np.any(got[strategy][1][1][3])
+        # Row 3 of the causal call (every key padded) sees no key: exactly 0, no gradient.
+        assert not np.any(calls[1][0][3]) and not np.any(calls[1][1][3])
 
 
 @pytest.mark.parametrize("seq_len, context", [(8, 1), (8, 2), (32, 4), (48, 8), (64, 8)])
@@ -161,7 +173,7 @@ def _grad_step(mesh, strategy):
         )
         return jnp.sum(out**2)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)), compiler_options=FAST)
 
 
 def test_ring_sends_kv_around_and_needs_less_memory_than_all_gather(eight_devices):
@@ -235,3 +247,52 @@ def test_bad_options_inside_shard_map(eight_devices):
         cp.context_parallel_attention(jnp.ones((1, 4, 1, 2)), *[jnp.ones((1, 4, 1, 2))] * 2)
     with pytest.raises(ValueError, match="2 × context = 6"):
         cp.zigzag_permutation(8, 3)
+
+
+def test_bert_mlm_task_under_a_context_mesh_equals_one_device(eight_devices):
+    """BertMLM with Ulysses attention in the zig-zag layout through the 'mlm' task's loss (ids
+    reordered, masked positions remapped, original positions to the table): loss and gradients
+    on the mesh (data 2, context 4) equal the one-device ones."""
+    import ml_collections
+    from flax import linen as nn
+
+    from jaxbatch.nn.bert import BertMLM
+    from jaxbatch.train.tasks_mlm import mlm_task
+
+    model = BertMLM(
+        vocab_size=40, width=16, depth=1, heads=4, mlp_dim=32, max_len=16, dropout=0.0,
+        attention="chunked", attention_chunk_size=4, context_parallel="ulysses",
+        context_layout="zigzag",
+    )  # fmt: skip
+    task = mlm_task(ml_collections.ConfigDict({"model": {"context_layout": "zigzag"}}), model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 40, (2, 16)).astype(np.int32)
+    ids[1, 12:] = 0  # padding: a key_mask in every strategy
+    batch = {
+        "input_ids": ids,
+        "masked_lm_positions": np.array([[1, 5, 14], [0, 9, 3]], np.int32),
+        "masked_lm_ids": rng.integers(1, 40, (2, 3)).astype(np.int32),
+        "masked_lm_weights": np.array([[1, 1, 1], [1, 1, 0]], np.float32),
+    }
+    params = nn.meta.unbox(model.init(jax.random.key(0), ids, batch["masked_lm_positions"]))
+    params = params["params"]
+
+    def loss(p, b):
+        return task.loss_fn(p, {}, b, jax.random.key(1))[0]
+
+    want = jax.jit(jax.value_and_grad(loss), compiler_options=FAST)(params, batch)
+    mesh = parallel.make_mesh(data=2, context=4)
+
+    def on_mesh(p, b):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return jax.value_and_grad(loss)(p, b)
+
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    program = jax.jit(on_mesh, compiler_options=FAST)
+    args = jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(batch, rows)
+    got = program(*args)
+    assert "all_to_all" in program.lower(*args).as_text()  # Ulysses ran
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got[1], want[1]
+    )
