@@ -25,6 +25,8 @@ Which G (``config.noise.groups``):
   side by side: the same FLOPs as one gradient, one more gradient buffer) and G = 1 when
   micro_batches > 1 (the micro-batches are the small gradients already).
 - 1: no groups; statistics from micro-batches only (none when micro_batches == 1).
+- on a mesh with a 'context' axis > 1, automatic groups are off and explicit ones refused: the
+  context-parallel attention's shard_map over the batch axes cannot sit inside the group vmap.
 - G > 1: G groups; it must divide the micro-batch.
 
 The group axis lies on the longest prefix of the batch axes ('data', 'fsdp') whose size divides
@@ -58,7 +60,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -71,8 +72,8 @@ DEFAULT_EMA_SAMPLES = 5120  # exp(-256/5120) = 0.951: the old per-step decay 0.9
 
 
 class NoiseConfigError(ValueError):
-    """``config.noise`` that cannot run with this model or mesh (a ``ConfigError`` subclass
-    is raised by the trainer; this one by the library-level helpers)."""
+    """``config.noise`` that cannot run with this model or mesh (``make_optimizer`` re-raises
+    it as a ``ConfigError``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +167,15 @@ def plan_groups(
     sizes = {a: int(mesh_shape.get(a, 1)) for a in BATCH_AXES}
     shards = math.prod(sizes.values())
     g = s.groups
+    context = int(mesh_shape.get("context", 1))
+    if context > 1:  # context-parallel attention: a shard_map over the batch and context axes
+        if g > 1:
+            raise NoiseConfigError(
+                f"config.noise.groups={g} with mesh.context={context}: the context-parallel "
+                "attention runs in a shard_map over the batch axes, which cannot sit inside "
+                "the vmap over groups; use noise.groups=0 (off on this mesh) or 1"
+            )
+        return GroupPlan(1)
     if g == 0:
         g = shards if shards > 1 else (2 if micro_batches == 1 else 1)
     if g == 1:
@@ -316,11 +326,3 @@ def with_settings(tx, noise: NoiseSettings, *, gradient_scaling: str = "none") -
     out = TrainOptimizer(tx.init, tx.update)
     out.noise = dataclasses.replace(noise, vrgd=gradient_scaling == "vrgd")
     return out
-
-
-def squared_norm(tree) -> jax.Array:
-    """f32 Σ x² over every leaf (every shard of a sharded leaf: a global reduction)."""
-    leaves = jax.tree.leaves(tree)
-    return sum(
-        (jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros((), jnp.float32)
-    )

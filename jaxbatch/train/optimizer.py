@@ -19,7 +19,9 @@ import optax
 
 from jaxbatch import optim, scaling
 from jaxbatch.optim.masks import param_path
+from jaxbatch.train import config as config_lib
 from jaxbatch.train import noise as noise_lib
+from jaxbatch.train import tasks as tasks_lib
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -149,8 +151,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axe
     Raises:
       ConfigError: ``config.noise.groups > 1`` on a model where groups do not apply.
     """
-    from jaxbatch.train import config as config_lib
-
     inner = make_inner_optimizer(cfg, layer_axes=layer_axes)
     scaling_name = cfg.optimizer.gradient_scaling
     if scaling_name == "vrgd":
@@ -167,8 +167,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, *, aux_shapes=None, layer_axe
         state_keys = tuple(k for k, v in aux_shapes["model_state"].items() if jax.tree.leaves(v))
     group_task = None
     if cfg.task == "lm" and cfg.loss.implementation != "reference":
-        from jaxbatch.train import tasks as tasks_lib
-
         group_task = tasks_lib.make_task(cfg, None)  # the chunked loss without its shard_map
     try:
         settings = noise_lib.settings(
