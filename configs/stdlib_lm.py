@@ -73,6 +73,36 @@ def get_config(arg: str | None = None):
         c.log_every_steps = 10
         c.eval_every_steps = 100
         c.checkpoint_every_steps = 100
+    elif arg in ("context_ring", "pod_1b_128k"):
+        # Context parallelism: the sequence split over the mesh axis 'context' (ring attention,
+        # zig-zag causal load balancing). 'context_ring': 4,096 bytes on 8 (simulated) devices,
+        # context = 8; 'pod_1b_128k': a 1B-parameter decoder (20 x 2048, MLP 8192) at 131,072
+        # tokens on 64 devices (fsdp 8 x context 8), for `jaxbatch plan --devices 64`.
+        pod = arg == "pod_1b_128k"
+        length = 131_072 if pod else 4096
+        c.dataset.options.seq_len = length
+        c.model.max_len = length
+        c.model.context_parallel = "ring"
+        c.model.context_layout = "zigzag"
+        c.model.attention = "auto"
+        c.model.attention_chunk_size = 512
+        c.model.backprop = "remat"
+        c.loss.implementation = "auto"
+        c.mesh.data = 1
+        c.mesh.fsdp = 8 if pod else 1
+        c.mesh.context = 8
+        c.batch_size = 8 if pod else 1
+        c.reference_batch_size = c.batch_size
+        c.total_samples = c.batch_size * 1000
+        c.schedule.warmup_samples = c.batch_size * 50
+        c.noise.enabled = False
+        c.eval_batch_size = c.batch_size
+        if pod:
+            c.model.width = 2048
+            c.model.depth = 20
+            c.model.heads = 16
+            c.model.mlp_dim = 8192
+            c.model.dtype = "bfloat16"
     elif arg == "adamw":
         c.optimizer.name = "adamw"
         c.optimizer.learning_rate = 3e-3

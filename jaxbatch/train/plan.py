@@ -68,6 +68,8 @@ class Plan:
         (``step_flops``: XLA cost analysis of the step with its loops unrolled).
       collectives: number of each collective op in the compiled program.
       remat: the model's rematerialisation choices (:func:`remat_summary`).
+      context: the sequence split (:func:`context_summary`): 'none', or the strategy, layout and
+        tokens per device of a mesh 'context' axis > 1.
     """
 
     devices: int
@@ -87,6 +89,7 @@ class Plan:
     flops: float
     collectives: dict[str, int]
     remat: str = "none"
+    context: str = "none"
 
     @property
     def state_bytes(self) -> int:
@@ -215,7 +218,22 @@ def plan(
         ),
         collectives=count_collectives(compiled.as_text()),
         remat=remat_summary(cfg.model.to_dict()),
+        context=context_summary(run.cfg, mesh),
     )
+
+
+def context_summary(cfg: ml_collections.ConfigDict, mesh: dict[str, int]) -> str:
+    """'none', or e.g. 'ring (zigzag) over context=8: 131072 tokens, 16384 per device'."""
+    context = int(mesh.get("context", 1))
+    if context == 1:
+        return "none"
+    strategy = cfg.model.get("context_parallel", "none")
+    layout = cfg.model.get("context_layout", "contiguous")
+    seq_len = cfg.dataset.options.get("seq_len", cfg.model.get("max_len"))
+    text = f"{strategy} ({layout}) over context={context}"
+    if seq_len:
+        text += f": {seq_len} tokens, {seq_len // context} per device"
+    return text
 
 
 _REMAT_KEYS = ("remat_policy", "backprop")
@@ -350,6 +368,7 @@ def format_plan(p: Plan, *, title: str = "") -> str:
         ("peak (args + out - alias + temp)", format_bytes(p.peak_bytes)),
         ("FLOPs per step per device", f"{p.flops:.4g}"),
         ("remat", p.remat),
+        ("context parallel", p.context),
         ("collectives", ", ".join(f"{k} {v}" for k, v in p.collectives.items())),
     ]
     width = max(len(k) for k, _ in rows)

@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from jaxbatch import data as jdata
 from jaxbatch import losses, parallel
 from jaxbatch.losses.linear_cross_entropy import IMPLEMENTATIONS as _LCE_IMPLEMENTATIONS
+from jaxbatch.nn import context_parallel as cp
 from jaxbatch.nn.decoder_lm import segment_positions
 from jaxbatch.train.models import build_model
 from jaxbatch.train.task_base import Batch, Task, split_variables
@@ -269,7 +270,14 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     device chunks its own token rows against the whole output kernel (gathered like any FSDP
     parameter) and the loss is Σ losses / Σ tokens over the devices, so the hidden states are
     never gathered across the mesh (contiguous chunks of the flattened global batch would cut
-    across the devices' rows)."""
+    across the devices' rows).
+
+    Context parallelism (a mesh 'context' axis > 1, ``config.model.context_parallel``): the
+    model's activations are split along the sequence and its attention exchanges K/V over
+    'context'. With ``config.model.context_layout='zigzag'`` the inputs, labels, segment ids and
+    the original positions are put in the zig-zag order once, here, after the next-token shift
+    (``context_parallel.zigzag_shard_batch``); the loss is a mean over tokens, so it needs no
+    un-permuting."""
     implementation = cfg.loss.implementation
     if implementation not in _LCE_IMPLEMENTATIONS:
         raise ValueError(
@@ -287,6 +295,7 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         # explicit 'pallas' the kernels cannot run raises (ValueError) instead of falling back.
         tokens = cfg.batch_size // shards // cfg.micro_batches
         tokens *= cfg.dataset.options.get("seq_len", model.max_len)
+        tokens //= 1 if mesh is None else cp.context_axis_size(mesh)  # the sequence's share
         implementation, reason = losses.choose_linear_cross_entropy_implementation(
             implementation, tokens, model.width, model.vocab_size, model.dtype
         )
@@ -294,8 +303,26 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
             reason += f"; each device's token rows (shard_map over data × fsdp = {shards})"
         choice = implementation, reason
 
+    zigzag_layout = cfg.model.get("context_layout", "contiguous") == "zigzag"
+
     def model_inputs(batch):
-        """(model args, labels [B, L]) of a batch."""
+        """(model args, labels [B, L]) of a batch, in the zig-zag order when the layout is and
+        the trace's mesh splits the sequence (the mesh of the trace decides, so a loss traced
+        inside the noise groups' vmap reorders alike)."""
+        args, labels = _shifted_inputs(batch)
+        context = cp.context_axis_size()
+        if not (zigzag_layout and context > 1):
+            return args, labels
+        inputs, seg, positions = (*args, None, None)[:3]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(inputs.shape[1], dtype=jnp.int32), inputs.shape)
+        fields = {"inputs": inputs, "labels": labels, "positions": positions}
+        if seg is not None:
+            fields["segment_ids"] = seg
+        z = cp.zigzag_shard_batch(fields, context)
+        return (z["inputs"], z.get("segment_ids"), z["positions"]), z["labels"]
+
+    def _shifted_inputs(batch):
         tokens = batch["tokens"]
         inputs = jnp.where(tokens[:, :-1] == ignore_index, 0, tokens[:, :-1])
         labels = tokens[:, 1:]
@@ -313,7 +340,7 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         return (inputs, seg, segment_positions(seg)), labels
 
     def init_fn(rng, batch):
-        return model.init(rng, model_inputs(batch)[0][0])
+        return model.init(rng, _shifted_inputs(batch)[0][0])
 
     def token_losses(params_or_vars, batch):
         """(per-token losses [B, L], valid [B, L]) from the [B, L, V] logits."""
@@ -342,10 +369,14 @@ def _lm(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
         args, labels = model_inputs(batch)
         h = model.apply(variables, *args, method="hidden").astype(model.dtype)
         w = model.apply(variables, method="output_kernel").astype(model.dtype)
-        if shards == 1:
+        # The trace's mesh: with the sequence split over 'context' each device's loss takes its
+        # own tokens of its own rows (no gather of h across 'context' either).
+        context = cp.context_axis_size() if mesh is not None else 1
+        if shards == 1 and context == 1:
             return chunked_loss(h, w, labels)
-        rows = P(parallel.BATCH_AXES)
-        local = functools.partial(chunked_loss, axis_name=parallel.BATCH_AXES)
+        axes = parallel.BATCH_AXES + ((cp.CONTEXT_AXIS,) if context > 1 else ())
+        rows = P(parallel.BATCH_AXES, cp.CONTEXT_AXIS if context > 1 else None)
+        local = functools.partial(chunked_loss, axis_name=axes)
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, P(), rows), out_specs=P())(
             h, w, labels
         )
@@ -384,7 +415,56 @@ _TASKS = {
 }
 
 
+CONTEXT_PARALLEL_MODELS = ("decoder_lm", "bert_mlm")
+"""Models whose attention can split the sequence over the mesh's 'context' axis."""
+
+
+def check_context_parallel(cfg: ml_collections.ConfigDict, mesh) -> None:
+    """Refuses, before anything is traced, a 'context' axis the model cannot use.
+
+    A mesh 'context' axis > 1 needs a model of :data:`CONTEXT_PARALLEL_MODELS` with
+    ``model.context_parallel`` set, a sequence length divisible by context (2 × context for the
+    zig-zag layout), heads divisible by tensor (and, for Ulysses, the per-device heads by
+    context), and a backprop mode other than 'streambp'.
+
+    Raises:
+      ValueError: naming the sizes or keys.
+    """
+    context = 1 if mesh is None else cp.context_axis_size(mesh)
+    if context == 1:
+        return
+    name = cfg.model.get("name")
+    if name not in CONTEXT_PARALLEL_MODELS:
+        raise ValueError(
+            f"mesh.context={context} splits the sequence, but model {name!r} (task "
+            f"{cfg.task!r}) has no context-parallel attention; expected a model of "
+            f"{CONTEXT_PARALLEL_MODELS} or mesh.context=1"
+        )
+    strategy = cfg.model.get("context_parallel", "none")
+    layout = cfg.model.get("context_layout", "contiguous")
+    cp.check_model_options(strategy, layout, where="config.model")
+    if strategy == "none":
+        raise ValueError(
+            f"mesh.context={context} splits the sequence, but config.model.context_parallel="
+            f"'none'; expected one of {cp.STRATEGIES}"
+        )
+    if cfg.model.get("backprop", "full") == "streambp":
+        raise ValueError(
+            f"config.model.backprop='streambp' does not compose with mesh.context={context}: "
+            "its sequence chunks attend to a key prefix, not the sharded sequence; use 'full' "
+            "or 'remat'"
+        )
+    seq_len = cfg.dataset.options.get("seq_len", cfg.model.get("max_len"))
+    heads = cfg.model.get("heads")
+    if seq_len is not None and heads is not None:
+        cp.check_model_sizes(
+            seq_len=int(seq_len), heads=int(heads), strategy=strategy, layout=layout,
+            mesh_shape=dict(mesh.shape), where="config (dataset.options.seq_len, model.heads)",
+        )  # fmt: skip
+
+
 def make_task(cfg: ml_collections.ConfigDict, mesh=None) -> Task:
     """The task of a validated config (its model built from ``config.model``) on ``mesh``."""
+    check_context_parallel(cfg, mesh)
     model = build_model(cfg.model.to_dict())
     return _TASKS[cfg.task](cfg, model, mesh)

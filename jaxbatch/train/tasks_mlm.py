@@ -11,6 +11,11 @@ Data fields (the format of BERT's ``create_pretraining_data.py``, one row per se
 Loss (Devlin et al. 2019, Section 3.1, as in the reference implementation):
 
   loss = Σ_{b,p} w_bp · CE(logits_bp, ids_bp) / (Σ_{b,p} w_bp + 1e-5)
+
+With a mesh 'context' axis > 1 and ``config.model.context_layout='zigzag'`` the ids are put in
+the zig-zag order once (``jaxbatch.nn.context_parallel.zigzag_permutation``), the masked
+positions are mapped to their new indices and the original positions go to the position table;
+the loss is a sum over the predictions, so nothing is un-permuted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
+from jaxbatch.nn import context_parallel as cp
 from jaxbatch.train.task_base import Task
 
 MLM_FIELDS = ("input_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
@@ -39,17 +45,33 @@ def masked_lm_loss(logits: jax.Array, ids: jax.Array, weights: jax.Array) -> jax
 
 def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Task:
     """The 'mlm' :class:`Task` of ``model`` (a ``jaxbatch.nn.BertMLM``)."""
-    del cfg, mesh
+    del mesh  # the trace's mesh decides (cp.context_axis_size)
+    zigzag_layout = cfg.model.get("context_layout", "contiguous") == "zigzag"
+
+    def model_args(batch):
+        """(ids, masked positions, positions or None), in the zig-zag order when the layout is
+        and the trace's mesh splits the sequence."""
+        ids, masked = batch["input_ids"], batch["masked_lm_positions"]
+        context = cp.context_axis_size()
+        if not (zigzag_layout and context > 1):
+            return ids, masked, None
+        length = ids.shape[1]
+        perm = cp.zigzag_permutation(length, context)
+        inv = jnp.asarray(cp.zigzag_inverse_permutation(length, context))
+        positions = jnp.broadcast_to(jnp.asarray(perm), ids.shape)
+        return ids[:, perm], inv[masked.astype(jnp.int32)], positions
 
     def init_fn(rng, batch):
         return model.init(rng, batch["input_ids"], batch["masked_lm_positions"], train=False)
 
     def loss_fn(params, model_state, batch, rng):
+        ids, masked, positions = model_args(batch)
         logits = model.apply(
             {"params": params, **model_state},
-            batch["input_ids"],
-            batch["masked_lm_positions"],
+            ids,
+            masked,
             train=True,
+            positions=positions,
             rngs={"dropout": rng},
         )
         loss = masked_lm_loss(logits, batch["masked_lm_ids"], batch["masked_lm_weights"])
@@ -59,7 +81,8 @@ def mlm_task(cfg: ml_collections.ConfigDict, model: nn.Module, mesh=None) -> Tas
         return loss, ({"mlm_accuracy": accuracy}, model_state)
 
     def eval_fn(variables, batch):
-        logits = model.apply(variables, batch["input_ids"], batch["masked_lm_positions"])
+        ids, masked, positions = model_args(batch)
+        logits = model.apply(variables, ids, masked, positions=positions)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["masked_lm_ids"])
         w = batch["masked_lm_weights"].astype(jnp.float32)
         hits = (jnp.argmax(logits, -1) == batch["masked_lm_ids"]).astype(jnp.float32)
