@@ -154,9 +154,10 @@ def vrgd(
     works as ``inner``. Put ``vrgd`` before transforms that change the gradient (clipping), since
     ``grad_sq_mean`` describes the gradient as averaged.
 
-    Bounds: the paper bounds the normalised GSNR to [1 - gamma, 1 + gamma]; ``gamma=0.1`` (the
-    default) keeps every element within 10 % of its plain step, which keeps the inner optimizer's
-    tuned learning rate valid. ``min_ratio``/``max_ratio`` override either end (e.g. (0, 2) for a
+    Bounds: the paper bounds the normalised GSNR to [1 - gamma, 1 + gamma] (as recalled: only
+    the paper's abstract could be checked here, not its Algorithm 1, so the form of the bound
+    and the default are unverified); ``gamma=0.1`` (the default) keeps every element within
+    10 % of its plain step, which keeps the inner optimizer's tuned learning rate valid. ``min_ratio``/``max_ratio`` override either end (e.g. (0, 2) for a
     looser bound).
 
     References:
