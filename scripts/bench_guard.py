@@ -8,7 +8,7 @@ timed alternately in one process on the same state and batch; each repeat times 
 steps of each after a warm-up, and the table reports the median over ``--repeats`` of the
 per-step times and of their ratio. Goal: ratio <= 1.02.
 
-  nice -n 19 python scripts/bench_guard.py                         # digits runlocal, 1 device
+  nice -n 19 python scripts/bench_guard.py       # digits runlocal -> bench_results/bench_guard.json
   nice -n 19 python scripts/bench_guard.py --config configs/stdlib_lm.py:runlocal --json out.json
 """
 
@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# A one-device process: an inherited simulated device count would split the host's threads.
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=1"]
+)
 
 GOAL = 1.02
 
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--override", action="append", default=[], help="key=value")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--json", default=str(ROOT / "bench_results" / "bench_guard.json"))
     args = parser.parse_args(argv)
 
     from jaxbatch.train import loop
@@ -113,6 +120,7 @@ def main(argv=None) -> int:
         f"{'PASS' if result['pass'] else 'FAIL'}"
     )
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
