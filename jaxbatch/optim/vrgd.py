@@ -157,8 +157,8 @@ def vrgd(
     Bounds: the paper bounds the normalised GSNR to [1 - gamma, 1 + gamma] (as recalled: only
     the paper's abstract could be checked here, not its Algorithm 1, so the form of the bound
     and the default are unverified); ``gamma=0.1`` (the default) keeps every element within
-    10 % of its plain step, which keeps the inner optimizer's tuned learning rate valid. ``min_ratio``/``max_ratio`` override either end (e.g. (0, 2) for a
-    looser bound).
+    10 % of its plain step, which keeps the inner optimizer's tuned learning rate valid.
+    ``min_ratio``/``max_ratio`` override either end (e.g. (0, 2) for a looser bound).
 
     References:
       Jiang, Liu, Ding, Guo, Lin, 2023, "Accelerating Large Batch Training via Gradient Signal to

@@ -146,7 +146,9 @@ def _reference(params_per_step, k, groups, ema_samples):
     decay = math.exp(-B / ema_samples)
     ema_g2 = ema_tr = 0.0
     out = []
-    for t, (params, batch) in enumerate(zip(params_per_step, _batches(len(params_per_step)))):
+    for t, (params, batch) in enumerate(
+        zip(params_per_step, _batches(len(params_per_step)), strict=True)
+    ):
         small = []
         for j in range(k):  # micro-batch j: rows j, j + k, ... (optim.accumulate's strided split)
             micro = {f: v[j::k] for f, v in batch.items()}
@@ -191,7 +193,7 @@ def test_logged_noise_equals_the_per_group_computation(eight_devices, mesh, k):
     cfg = _config(k, noise__groups=8 // k)
     _, params, metrics = _train(cfg, mesh, eight_devices)
     want = _reference(params, k, 8 // k, cfg.noise.ema_samples)
-    for got_t, want_t in zip(metrics, want):
+    for got_t, want_t in zip(metrics, want, strict=True):
         for key, value in want_t.items():
             np.testing.assert_allclose(got_t[key], value, rtol=2e-4, err_msg=key)
     assert metrics[0]["noise_trace_step"] > 0 and metrics[0]["b_simple"] > 0
@@ -205,7 +207,7 @@ def test_estimates_agree_across_meshes(eight_devices, k):
             _RESULTS[mesh, k] = _train(_config(k, noise__groups=8 // k), mesh, eight_devices)[2]
     base = _RESULTS[MESHES[0], k]
     for mesh in MESHES[1:]:
-        for got_t, want_t in zip(_RESULTS[mesh, k], base):
+        for got_t, want_t in zip(_RESULTS[mesh, k], base, strict=True):
             for key in ("noise_g2", "noise_trace", "b_simple", "loss"):
                 np.testing.assert_allclose(got_t[key], want_t[key], rtol=1e-4, err_msg=(mesh, key))
 
@@ -238,7 +240,9 @@ def test_disabled_logs_nothing_and_changes_no_update(eight_devices):
     on_state, _, on = _train(_config(1), (8, 1, 1), eight_devices, steps=1)
     off_state, _, off = _train(_config(1, noise__enabled=False), (8, 1, 1), eight_devices, steps=1)
     assert "b_simple" in on[0] and "b_simple" not in off[0] and "noise_g2" not in off[0]
-    for a, b in zip(jax.tree.leaves(on_state.params), jax.tree.leaves(off_state.params)):
+    for a, b in zip(
+        jax.tree.leaves(on_state.params), jax.tree.leaves(off_state.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
@@ -258,7 +262,9 @@ def test_gradient_scaling_wrappers_are_applied(eight_devices, scaling, state_typ
     state, params, metrics = _train(cfg, (8, 1, 1), eight_devices, steps=2)
     inner = state.opt_state.inner_state
     assert isinstance(inner, state_type), type(inner)
-    for before, after in zip(jax.tree.leaves(params[0]), jax.tree.leaves(state.params)):
+    for before, after in zip(
+        jax.tree.leaves(params[0]), jax.tree.leaves(state.params), strict=True
+    ):
         after = np.asarray(after)
         assert np.all(np.isfinite(after)) and not np.allclose(after, before)
     assert np.isfinite(metrics[-1]["b_simple"])
