@@ -82,7 +82,15 @@ def _plan(args: argparse.Namespace, overrides: list[str], argv: Sequence[str]) -
 
     cfg = config_lib.load_config(args.config, overrides)
     if args.mesh:
-        cfg.mesh.update({"data": -1, "fsdp": 1, "context": 1, "tensor": 1, **parallel.parse_mesh_spec(args.mesh)})
+        cfg.mesh.update(
+            {
+                "data": -1,
+                "fsdp": 1,
+                "context": 1,
+                "tensor": 1,
+                **parallel.parse_mesh_spec(args.mesh),
+            }
+        )
     title = f"plan of {args.config} on {args.devices} simulated devices"
     if args.max_seq_len:
         result = _plan_sequence(args, cfg)
