@@ -13,8 +13,11 @@ The batch sizes that reached the target are fitted with ``jaxbatch.stats.fit_cri
 (S_min, E_min, B_crit with standard errors). When the runs log ``b_simple`` (the trainer does with
 ``micro_batches > 1``) its median over the second half of each best trial is reported next to the
 fit, with the ratio B_crit / B_simple (McCandlish et al. 2018 predict B_crit ~ B_noise; B_simple
-overestimates B_noise when the Hessian is ill-conditioned). A batch size whose trials never reach
-the target is reported as such, not an error.
+overestimates B_noise when the Hessian is ill-conditioned). B_simple grows during training (the
+gradient shrinks faster than its noise), so the last value logged at or before each batch's
+steps to target (``b_simple_at_target``, median over the batch sizes) is reported too, with its
+ratio (B_crit of a target against the noise scale at matched progress). A batch size whose
+trials never reach the target is reported as such, not an error.
 
 Writes ``OUT/sweep.json`` and ``OUT/sweep.png`` (steps against examples to the target, the fitted
 hyperbola, B_simple marked on it); each trial's run directory is ``OUT/b<B>_lr<m>`` and a finished
@@ -97,6 +100,19 @@ def _b_simple(records: list[dict]) -> float | None:
     return float(np.median(values[len(values) // 2 :]))
 
 
+def _b_simple_at(records: list[dict], step: int | None) -> float | None:
+    """The last B_simple logged at or before ``step`` (the noise scale when the target is hit)."""
+    if step is None:
+        return None
+    values = [
+        _finite(r.get("b_simple"))
+        for r in records
+        if r.get("kind") == "train" and int(r["step"]) <= step
+    ]
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
+
+
 def run_trial(cfg, workdir: str, *, metric: str, target: float, mode: str) -> dict[str, Any]:
     """Trains ``cfg`` in ``workdir`` (unless finished before) and reads what it reached."""
     from jaxbatch.train import faults, loop
@@ -129,6 +145,7 @@ def run_trial(cfg, workdir: str, *, metric: str, target: float, mode: str) -> di
         "steps_to_target": None if reach is None else reach["step"],
         "examples_to_target": None if reach is None else reach["samples"],
         "b_simple": _b_simple(records),
+        "b_simple_at_target": _b_simple_at(records, None if reach is None else reach["step"]),
         "steps_run": max((int(r["step"]) for r in records), default=0),
     }
 
@@ -194,6 +211,7 @@ def sweep(
             "examples_to_target": None if best is None else best["examples_to_target"],
             "best_lr_multiplier": None if best is None else best["lr_multiplier"],
             "b_simple": None if best is None else best["b_simple"],
+            "b_simple_at_target": None if best is None else best["b_simple_at_target"],
             "trials": trials,
         }
         if best is None:
@@ -237,6 +255,12 @@ def sweep(
     result["b_simple"] = float(np.median(b_simple)) if b_simple else None
     if result["fit"] and result["b_simple"]:
         result["b_crit_over_b_simple"] = result["fit"]["b_crit"] / result["b_simple"]
+    at_target = [e["b_simple_at_target"] for e in per_batch if e["b_simple_at_target"]]
+    result["b_simple_at_target"] = float(np.median(at_target)) if at_target else None
+    if result["fit"] and result["b_simple_at_target"]:
+        result["b_crit_over_b_simple_at_target"] = (
+            result["fit"]["b_crit"] / result["b_simple_at_target"]
+        )
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(result, f, indent=2)
     result["plot"] = plot_sweep(result, os.path.join(out_dir, "sweep.png"))
@@ -276,7 +300,8 @@ def plot_sweep(result: dict[str, Any], path: str) -> str:
         )
         for value, name, color in (
             (fit["b_crit"], "B_crit", "C1"),
-            (result.get("b_simple"), "B_simple (measured)", "C2"),
+            (result.get("b_simple"), "B_simple (2nd half of training)", "C2"),
+            (result.get("b_simple_at_target"), "B_simple (at the target)", "C3"),
         ):
             if value:
                 s_at = fit["s_min"] * (1 + fit["b_crit"] / value)
@@ -376,6 +401,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratio = result.get("b_crit_over_b_simple")
         print(
             f"B_simple (measured, median) = {result['b_simple']:.4g}"
+            + (f"; B_crit / B_simple = {ratio:.3g}" if ratio else "")
+        )
+    if result["b_simple_at_target"] is not None:
+        ratio = result.get("b_crit_over_b_simple_at_target")
+        print(
+            f"B_simple at the target (median over batch sizes) = "
+            f"{result['b_simple_at_target']:.4g}"
             + (f"; B_crit / B_simple = {ratio:.3g}" if ratio else "")
         )
     print(f"wrote {os.path.join(args.out, 'sweep.json')} and {result['plot']}")

@@ -71,6 +71,9 @@ def test_steps_to_target_come_from_the_runs_evals(trained):
         assert e["reached"] and e["steps_to_target"] == first_eval["step"] == 128 // e["batch_size"]
         assert e["examples_to_target"] == 128
         assert e["b_simple"] is not None and e["trials"][0]["diverged"] is False
+        # the last B_simple logged at or before the step that reached the target
+        logged = [r for r in records if r["kind"] == "train" and r["step"] <= e["steps_to_target"]]
+        assert e["b_simple_at_target"] == pytest.approx(logged[-1]["b_simple"])
     # E = 128 at every batch is perfect scaling: E_min = 128, S_min ~ 0, B_crit unbounded
     fit = result["fit"]
     assert fit["e_min"] == pytest.approx(128) and fit["s_min"] < 1e-6
@@ -124,6 +127,8 @@ def test_fit_recovers_the_model_from_run_directories(tmp_path):
     assert fit["b_crit_stderr"] < 0.1 * b_crit
     assert result["b_simple"] == 100.0
     assert result["b_crit_over_b_simple"] == pytest.approx(fit["b_crit"] / 100.0)
+    assert result["b_simple_at_target"] == 100.0
+    assert result["b_crit_over_b_simple_at_target"] == pytest.approx(fit["b_crit"] / 100.0)
 
 
 @pytest.mark.parametrize(
