@@ -135,9 +135,13 @@ def run_trial(cfg, workdir: str, *, metric: str, target: float, mode: str) -> di
     final_metric = _finite(evals[-1][metric]) if evals else None
     diverged = error is not None or final_loss is None or final_metric is None
     reach = None if diverged else first_reach(records, metric, target, mode)
+    from jaxbatch.train import config as config_lib
+
+    scaled, _ = config_lib.rescale_for_batch(cfg)  # what the trainer trains with at this batch
     return {
         "workdir": workdir,
         "learning_rate": float(cfg.optimizer.learning_rate),
+        "learning_rate_at_batch": float(scaled.optimizer.learning_rate),
         "diverged": diverged,
         "error": error,
         "final_train_loss": final_loss,
@@ -210,6 +214,7 @@ def sweep(
             "steps_to_target": None if best is None else best["steps_to_target"],
             "examples_to_target": None if best is None else best["examples_to_target"],
             "best_lr_multiplier": None if best is None else best["lr_multiplier"],
+            "learning_rate": None if best is None else best["learning_rate_at_batch"],
             "b_simple": None if best is None else best["b_simple"],
             "b_simple_at_target": None if best is None else best["b_simple_at_target"],
             "trials": trials,
@@ -383,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for e in result["batches"]:
         status = (
             f"{e['steps_to_target']} steps, {e['examples_to_target']} examples "
-            f"(lr x{e['best_lr_multiplier']:g})"
+            f"(lr {e['learning_rate']:.4g} = x{e['best_lr_multiplier']:g} of the rule)"
             if e["reached"]
             else e["note"]
         )

@@ -71,6 +71,9 @@ def test_steps_to_target_come_from_the_runs_evals(trained):
         assert e["reached"] and e["steps_to_target"] == first_eval["step"] == 128 // e["batch_size"]
         assert e["examples_to_target"] == 128
         assert e["b_simple"] is not None and e["trials"][0]["diverged"] is False
+        # the linear rule from reference batch 64 (TINY): the rate the trainer trains with
+        base = e["trials"][0]["learning_rate"]
+        assert e["learning_rate"] == pytest.approx(base * e["batch_size"] / 64)
         # the last B_simple logged at or before the step that reached the target
         logged = [r for r in records if r["kind"] == "train" and r["step"] <= e["steps_to_target"]]
         assert e["b_simple_at_target"] == pytest.approx(logged[-1]["b_simple"])
