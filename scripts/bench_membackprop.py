@@ -169,6 +169,10 @@ def run_length_searches(args) -> dict:
             out[model][mode] = {"error": f"worker exited with {proc.returncode}", "probes": []}
             continue
         out[model][mode] = json.loads(stdout)
+        # Kept as each search ends, so a cut run's (a) can be reused with --skip-lengths.
+        partial = pathlib.Path(args.out + ".lengths.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"lengths": out}, indent=2))
     return {m: {mode: out[m][mode] for mode in supported_modes()} for m in models}
 
 
@@ -280,7 +284,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="length searches at a time")
     parser.add_argument("--fit", default="4,8", help="multiples of the affine first guess")
     parser.add_argument("--bisect", action="store_true", help="doubling + bisection instead")
-    parser.add_argument("--skip-lengths", help="reuse (a) from this earlier JSON output")
+    parser.add_argument(
+        "--skip-lengths", help="reuse (a) from an earlier JSON output (or its .lengths.json)"
+    )
     parser.add_argument("--out", default="bench_results/bench_membackprop.json")
     parser.add_argument(_WORKER, action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=list(MODELS), help=argparse.SUPPRESS)
