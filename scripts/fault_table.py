@@ -133,7 +133,10 @@ def row_sigkill(t: Table, points: int = 10, seed: int = 0) -> None:
         launch.kill()
         rc = launch.finish()
         tmp = bool(set(h.in_flight(launch.checkpoints)) - stale)  # a write was interrupted
-        resumed = i == 0 or "resumed from checkpoint at step" in launch.log
+        # resumed from the newest committed checkpoint (a fresh start when there was none)
+        resumed = f"resumed from checkpoint at step {start}" in launch.log if start else (
+            "resumed from checkpoint" not in launch.log
+        )
         outcomes.append(dict(rc=rc, mode="save" if during else "random", tmp_left=tmp,
                              resumed=resumed, newest=max(h.committed(launch.checkpoints),
                                                          default=0)))
@@ -147,7 +150,8 @@ def row_sigkill(t: Table, points: int = 10, seed: int = 0) -> None:
     t.add(
         f"SIGKILL at {len(outcomes)} points (seed {seed}), {during} of them during a "
         "checkpoint write",
-        f"every restart resumed from the newest committed checkpoint: "
+        f"every restart resumed from the newest committed checkpoint (or started afresh when "
+        f"none was committed yet): "
         f"{all(o['resumed'] for o in outcomes)}; tmp dirs of killed saves cleaned up: {clean}; "
         f"final state bitwise {'equal' if same else 'DIFFERENT'} to an uninterrupted run",
         killed and same and clean and all(o["resumed"] for o in outcomes),
@@ -171,7 +175,8 @@ def row_truncated(t: Table) -> None:
     t.add(
         "newest checkpoint's array files truncated",
         f"exit {rc}; one line: {_short(lines[0]) if lines else '(none)'!r}; step {step} kept "
-        f"in checkpoints.damaged: {aside}; older checkpoint used: {older}; final state bitwise "
+        f"in checkpoints.damaged: {aside}; older checkpoint used: {older}; a traceback printed: "
+        f"{'Traceback' in launch.log}; final state bitwise "
         f"{'equal' if same else 'DIFFERENT'} to an uninterrupted run",
         rc == 0 and len(lines) == 1 and aside and older and same and "Traceback" not in launch.log,
     )

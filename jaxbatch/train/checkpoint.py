@@ -70,8 +70,11 @@ class _OrbaxReadErrors(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Task exception was never retrieved"):
+        message = record.getMessage()
+        if not message.startswith("Task exception was never retrieved"):
             return True
+        if f"{os.sep}orbax{os.sep}" in message:  # "future: <Task ... coro=<... defined at .../orbax/"
+            return False
         error = record.exc_info[1] if record.exc_info else None
         tb = getattr(error, "__traceback__", None)
         while tb is not None:
