@@ -73,7 +73,7 @@ class _OrbaxReadErrors(logging.Filter):
         message = record.getMessage()
         if not message.startswith("Task exception was never retrieved"):
             return True
-        if f"{os.sep}orbax{os.sep}" in message:  # "future: <Task ... coro=<... defined at .../orbax/"
+        if f"{os.sep}orbax{os.sep}" in message:  # "coro=<... defined at .../orbax/..."
             return False
         error = record.exc_info[1] if record.exc_info else None
         tb = getattr(error, "__traceback__", None)
