@@ -81,8 +81,7 @@ def _scenario(workdir, rng: random.Random) -> dict:
         if mode == "during a save":
             hit = launch.wait_until(
                 lambda at=at, launch=launch, stale=stale: any(
-                    int(n.split(".")[0]) >= at
-                    for n in set(h.in_flight(launch.checkpoints)) - stale
+                    int(n.split(".")[0]) >= at for n in set(h.in_flight(launch.checkpoints)) - stale
                 ),
                 "save in flight",
             )
