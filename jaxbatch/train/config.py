@@ -448,11 +448,20 @@ def _parse_config_file(path: str, flag_args: Sequence[str]) -> ml_collections.Co
     except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
         keys = [a.split("=", 1)[0].removeprefix("--config.") for a in flag_args]
         known = sorted(dict(_flatten(default_config())))
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"cannot apply overrides {keys} to {path}: {message}; known keys are: {known}"
+            f"cannot apply overrides {keys} to {path}: {_one_line(e)}; known keys are: {known}"
         ) from None
     return holder.value
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message on one line; a KeyError's own text (``str`` of a KeyError is a repr)."""
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, KeyError):  # flags wraps ml_collections' KeyError
+        error = cause
+    text = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) or type(error).__name__
 
 
 def _free_form_section(key: str) -> str | None:

@@ -42,7 +42,11 @@ OVERRIDE_CASES = [
     ("less_than_a_batch", ["total_samples=10"], "config.total_samples=10 is less than one batch"),
     ("warmup_too_long", ["schedule.warmup_samples=999999"], "warmup_samples=999999"),
     ("micro_batches", ["micro_batches=3"], "is not divisible by config.micro_batches=3"),
-    ("typo_key", ["optimizer.lerning_rate=1"], "optimizer.lerning_rate"),
+    (
+        "typo_key",
+        ["optimizer.lerning_rate=1"],
+        'Did you mean "learning_rate" instead of "lerning_rate"?; known keys',
+    ),
     ("renamed_key", ["ema.warmup_steps=10"], "config.ema.warmup_steps is no longer a key"),
     ("spike_factor", ["faults.spike_factor=0.5"], "config.faults.spike_factor=0.5"),
     ("lr_factor_zero", ["faults.lr_factor=0.0"], "config.faults.lr_factor=0.0"),
