@@ -134,12 +134,20 @@ def row_sigkill(t: Table, points: int = 10, seed: int = 0) -> None:
         rc = launch.finish()
         tmp = bool(set(h.in_flight(launch.checkpoints)) - stale)  # a write was interrupted
         # resumed from the newest committed checkpoint (a fresh start when there was none)
-        resumed = f"resumed from checkpoint at step {start}" in launch.log if start else (
-            "resumed from checkpoint" not in launch.log
+        resumed = (
+            f"resumed from checkpoint at step {start}" in launch.log
+            if start
+            else ("resumed from checkpoint" not in launch.log)
         )
-        outcomes.append(dict(rc=rc, mode="save" if during else "random", tmp_left=tmp,
-                             resumed=resumed, newest=max(h.committed(launch.checkpoints),
-                                                         default=0)))
+        outcomes.append(
+            dict(
+                rc=rc,
+                mode="save" if during else "random",
+                tmp_left=tmp,
+                resumed=resumed,
+                newest=max(h.committed(launch.checkpoints), default=0),
+            )
+        )
         if max(h.committed(launch.checkpoints), default=0) >= h.STEPS:
             break
     final_rc = t.finish(workdir)
@@ -201,7 +209,9 @@ def row_nan_and_spike(t: Table) -> None:
         f"run completed; {summary.get('skipped_steps')} steps skipped inside the step (NaN, "
         f"spike), {summary.get('rollbacks')} rollback: {_short(line, 300)!r}; every float of the "
         f"final state finite: {finite}",
-        summary.get("step") == h.STEPS and summary.get("rollbacks") == 1 and finite
+        summary.get("step") == h.STEPS
+        and summary.get("rollbacks") == 1
+        and finite
         and summary.get("skipped_steps", 0) >= 2,
     )
 
@@ -245,8 +255,14 @@ def row_bad_inputs(t: Table) -> None:
                 change(arrays)
             np.savez(str(pattern).replace("{split}", split), **arrays)
         # a bundled config pointed at the user's files from the command line
-        cases[name] = ["--workdir", str(run), "--config", h.CONFIG, "--config.dataset.name=npz",
-                       f"--config.dataset.options.path={pattern}"]
+        cases[name] = [
+            "--workdir",
+            str(run),
+            "--config",
+            h.CONFIG,
+            "--config.dataset.name=npz",
+            f"--config.dataset.options.path={pattern}",
+        ]
     syntax = root / "syntax.py"
     syntax.write_text("def get_config(arg=None):\n    c = (\n")
     cases["config file with a syntax error"] = ["--workdir", str(run), "--config", str(syntax)]
@@ -254,12 +270,19 @@ def row_bad_inputs(t: Table) -> None:
     a_file.write_text("x")
     cases["--workdir naming an existing file"] = ["--workdir", str(a_file), "--config", h.CONFIG]
     cases["unknown config key (--config.optimizer.lerning_rate=1)"] = [
-        "--workdir", str(run), "--config", h.CONFIG, "--config.optimizer.lerning_rate=1"
+        "--workdir",
+        str(run),
+        "--config",
+        h.CONFIG,
+        "--config.optimizer.lerning_rate=1",
     ]
     for name, args in cases.items():
         proc = subprocess.run(
             [sys.executable, "-m", "jaxbatch.train.cli", "train", "--no-progress", *args],
-            capture_output=True, text=True, cwd=ROOT, env=h.env(1),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=h.env(1),
         )
         err = proc.stderr.strip().splitlines()
         one_line = len(err) == 1 and err[0].startswith("jaxbatch: error: ")

@@ -109,9 +109,7 @@ def test_every_layout_and_mask_equals_dense_attention(eight_devices, case, strat
     inputs, want = case
     mesh = parallel.make_mesh(**MESHES[context])
     assert mesh.shape["context"] == context
-    got = jax.device_get(
-        jax.jit(_program(strategy, mesh, context), compiler_options=FAST)(*inputs)
-    )
+    got = jax.device_get(jax.jit(_program(strategy, mesh, context), compiler_options=FAST)(*inputs))
     assert sorted(got) == sorted(cp.LAYOUTS)
     for layout, calls in got.items():
         for call, name in enumerate(("full", "causal")):

@@ -84,7 +84,9 @@ def _abstract(run, batch):
         run.abstract_state,
         run.state_shardings,
     )
-    spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()}
+    spec = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batch.items()
+    }
     return state, spec
 
 
