@@ -121,6 +121,9 @@ class DecoderLM(nn.Module):
       attention_chunk_size: query chunk of the chunked attention.
       backprop: one of :data:`BACKPROP_MODES`.
       stream_chunk_size: positions per chunk of 'streambp' (1 <= it <= sequence length).
+      stream_layer_groups: 'streambp' runs the blocks in this many checkpointed groups
+        (``streambp.streambp_stack(layer_groups=)``: G + depth/G block inputs held instead of
+        depth, for one more forward pass of the blocks); must divide ``depth``; 1 = off.
       compress_activations: names from :data:`COMPRESSIBLE` of the saved activations kept as
         int8 for the backward pass (``jaxbatch.nn.compressed_activations``; Mesa / GACT):
         'mlp_input' (the GELU input), 'layer_norm_input' (the inputs of every layer norm, the
@@ -154,6 +157,7 @@ class DecoderLM(nn.Module):
     attention_chunk_size: int = 512
     backprop: str = "full"
     stream_chunk_size: int = 512
+    stream_layer_groups: int = 1
     compress_activations: tuple[str, ...] = ()
     context_parallel: str = "none"
     context_layout: str = "contiguous"
@@ -200,10 +204,15 @@ class DecoderLM(nn.Module):
         check_softmax_compression(
             compressed_activations.SOFTMAX in compress, self.attention, "DecoderLM"
         )
-        for name in ("stream_chunk_size", "attention_chunk_size"):
+        for name in ("stream_chunk_size", "attention_chunk_size", "stream_layer_groups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DecoderLM: {name} must be a positive int, got {value!r}")
+        if self.depth % self.stream_layer_groups:
+            raise ValueError(
+                f"DecoderLM: stream_layer_groups={self.stream_layer_groups} must divide "
+                f"depth={self.depth}"
+            )
         super().__post_init__()
 
     @property
@@ -327,6 +336,7 @@ class DecoderLM(nn.Module):
             chunk_size=self.stream_chunk_size,
             scanned=self.scan_layers,
             int8_input=LAYER_INPUT in _compress_names(self.compress_activations),
+            layer_groups=self.stream_layer_groups,
         )
 
     def hidden(

@@ -340,3 +340,32 @@ def test_block_compression_keeps_the_forward_bounds_the_gradient_and_saves_memor
 def test_bad_compression_names_fail_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
         DecoderLM(**SMALL, **kw)
+
+
+_TINY = dict(vocab_size=32, width=16, depth=4, heads=2, mlp_dim=32, max_len=24)
+
+
+def _layer_group_grads(**kw):
+    model = DecoderLM(**_TINY, attention="chunked", attention_chunk_size=8, **kw)
+    tokens = jax.random.randint(jax.random.key(0), (2, 20), 0, 32)
+    variables = model.init(jax.random.key(1), tokens)
+
+    def loss(params):
+        return jnp.mean(model.apply({"params": params}, tokens) ** 2)
+
+    return jax.value_and_grad(loss)(variables["params"])
+
+
+def test_streambp_layer_groups_equal_full_backprop():
+    """stream_layer_groups checkpoints groups of blocks (recomputation only): same value, grads."""
+    l0, g0 = _layer_group_grads(backprop="full")
+    l1, g1 = _layer_group_grads(backprop="streambp", stream_chunk_size=8, stream_layer_groups=2)
+    np.testing.assert_allclose(l0, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_stream_layer_groups_must_divide_depth():
+    model = DecoderLM(**_TINY, backprop="streambp", stream_layer_groups=3)
+    with pytest.raises(ValueError, match="stream_layer_groups=3 must divide depth=4"):
+        model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
