@@ -172,13 +172,19 @@ def longest_fitting_sequence(
             good = trial
         else:
             bad = trial
+    good = _bisect(fits, good, bad)
+    return SequenceSearch(good * multiple, tuple(probes), budget_bytes, False)
+
+
+def _bisect(fits, good: int, bad: int) -> int:
+    """The largest fitting unit count between a fitting ``good`` and a failing ``bad``."""
     while bad - good > 1:
         mid = (good + bad) // 2
         if fits(mid):
             good = mid
         else:
             bad = mid
-    return SequenceSearch(good * multiple, tuple(probes), budget_bytes, False)
+    return good
 
 
 def _gallop(fits, start, max_units, multiple, probes, budget_bytes) -> SequenceSearch:
@@ -210,13 +216,7 @@ def _gallop(fits, start, max_units, multiple, probes, budget_bytes) -> SequenceS
                 good = trial
                 break
             bad, step = trial, 2 * step
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if fits(mid):
-            good = mid
-        else:
-            bad = mid
-    return result(good)
+    return result(_bisect(fits, good, bad))
 
 
 def longest_sequences(
